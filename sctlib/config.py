@@ -1,0 +1,326 @@
+"""Frozen configuration dataclasses and the one table of named presets (EDM2 style).
+
+Pure data: this module imports no torch. Progress is counted in images seen (``*_nimg``); a change of
+batch size or GPU count therefore leaves the curriculum unchanged. Paper-scale values come from
+``shared/reference/ect-edm-code-facts.md`` Sec. 4 (the official ECT scripts); SCT-specific values are
+reconstructions (``sct-method.md`` Sec. 1.5-1.6) and are marked [RECON] beside the field.
+
+Overrides go through :func:`override` (``key=value`` strings from the CLI, dotted for nested configs,
+e.g. ``loss.q=4``) which validates names and types and lists the valid ones on error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any, Optional, Tuple
+
+__all__ = [
+    "NetConfig",
+    "LossConfig",
+    "OptimConfig",
+    "EvalConfig",
+    "TrainConfig",
+    "PRESETS",
+    "get_preset",
+    "override",
+    "parse_overrides",
+    "to_dict",
+    "from_dict",
+    "ConfigError",
+]
+
+
+class ConfigError(ValueError):
+    """A bad preset name, override key or value; the message lists the valid choices."""
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    arch: str = "ddpmpp"                       # 'ddpmpp' (EDM SongUNet), 'edm2' (magnitude-preserving UNet), 'mlp' (2-D toys)
+    img_resolution: int = 32                   # H = W in pixels; for 'mlp' the data dimension
+    img_channels: int = 3                      # image channels (1 for digits)
+    label_dim: int = 0                         # number of classes; 0 = unconditional
+    model_channels: int = 128                  # base width (DDPM++ 128; EDM2 192/256/320/384; mlp hidden width)
+    channel_mult: Tuple[int, ...] = (2, 2, 2)  # per-resolution width multipliers
+    num_blocks: int = 4                        # residual blocks per resolution (mlp: hidden layers)
+    attn_resolutions: Tuple[int, ...] = (16,)  # resolutions with self-attention
+    dropout: float = 0.0                       # dropout probability (ECT CIFAR 0.2; EDM2-S 0.40, M/L/XL 0.50)
+    dropout_res: int = 0                       # ECT's EDM2 patch: dropout only at resolution <= dropout_res (0 = everywhere)
+    sigma_data: float = 0.5                    # EDM sigma_data
+    sigma_min: float = 0.002                   # boundary of the consistency function (ECT CIFAR uses 0.003)
+    boundary: str = "never"                    # where the boundary c_skip/c_out apply: 'never' | 'eval' | 'always'
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    task: str = "ect"                          # 'edm' (diffusion teacher), 'ect', 'sct'
+    P_mean: float = -1.1                       # log-normal t: ln t ~ N(P_mean, P_std^2)
+    P_std: float = 2.0
+    sigma_data: float = 0.5
+    mapping: str = "sigmoid"                   # ECT r(t) mapping: 'sigmoid' | 'const'
+    q: float = 2.0                             # Delta t shrinks by q per stage
+    k: float = 8.0                             # sigmoid mapping: n(t) = 1 + k sigmoid(-b t)
+    b: float = 1.0
+    schedule: str = "staircase"                # 'staircase' (ECT) | 'smooth' (SCT, [RECON] continuous exponent)
+    double_nimg: int = 3_200_000               # images per stage ("double" = 250 ticks x 12.8 kimg in run_ecm.sh)
+    c: float = 0.0                             # pseudo-Huber constant (0 = plain L2 norm)
+    weighting: str = "inv_dt"                  # 'inv_dt' = 1/(t-r) | 'snrpk' = 1/t^2 + 1/sigma_data^2 | 'edm' | 'uniform'
+    edges: Tuple[float, ...] = (0.0,)          # phase edges s_0 < s_1 < ...; (0,) = one phase [RECON for >1]
+    ref_source: str = "batch"                  # SCT reference set: 'batch' | 'all' (all ranks) | 'bank' (memory bank) [RECON]
+    ref_size: int = 0                          # memory-bank capacity in images (ref_source='bank')
+    ref_conditional: bool = True               # restrict references to the sample's class when labels exist
+    ref_chunk: int = 1024                      # references per chunk in the posterior-mean softmax
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "radam"                        # 'adam' | 'radam'
+    lr: float = 1e-4                           # reference learning rate
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    lr_schedule: str = "constant"              # 'constant' | 'inv_sqrt' (EDM2: lr / sqrt(max(nimg / lr_ref_nimg, 1)))
+    lr_ref_nimg: int = 256_000                 # EDM2 decay point: ref_batches (2000) x batch (128)
+    lr_rampup_nimg: int = 0                    # linear warm-up length in images
+    grad_clip: float = 0.0                     # max global grad norm; 0 = off (as in ECT)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    mid_t: Tuple[float, ...] = (0.821,)        # intermediate times of the 2-step sampler (CIFAR 0.821, IN-64 1.526)
+    t_max: float = 80.0                        # starting noise level of the samplers
+    num_samples: int = 1000                    # samples per evaluation
+    metric: str = "auto"                       # 'auto' picks by dataset: 'fd_digits', 'toy', 'fid'
+    every_nimg: int = 0                        # evaluation period in images (0 = only at the end)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "custom"
+    dataset: str = "digits"                    # 'digits', 'toy2d-<name>', 'edmzip' (data_path), 'cifar10', 'imagenet64'
+    data_path: str = ""                        # EDM-format zip for real datasets
+    data_resolution: int = 0                   # resize the embedded digits (0 = native 8x8)
+    cond: bool = False                         # train class-conditionally
+    net: NetConfig = field(default_factory=NetConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    init: str = ""                             # '' = scratch; a run dir, our .safetensors, or an EDM/EDM2/ECT .pkl/.pt
+    init_ema: bool = True                      # start from the EMA weights of the init checkpoint when it has them
+    total_nimg: int = 25_600_000               # training length in images
+    batch_size: int = 128                      # global batch
+    batch_gpu: int = 0                         # micro-batch per process (0 = batch_size / world)
+    seed: int = 0
+    device: str = "auto"                       # 'auto' | 'cpu' | 'cuda'
+    precision: str = "auto"                    # 'auto' (bf16 on CUDA, fp32 on CPU) | 'fp32' | 'bf16' | 'fp16'
+    tf32: bool = True                          # allow TF32 matmuls/convs on CUDA
+    compile: bool = False                      # torch.compile the network
+    channels_last: bool = False                # memory format on CUDA
+    ema_halflife_nimg: int = 500_000           # traditional EMA half-life in images (0 = no EMA)
+    ema_rampup_ratio: float = 0.0              # EDM ramp-up: half-life <= ratio * nimg (0 = off)
+    phema_stds: Tuple[float, ...] = ()         # EDM2 power-function EMA sigma_rel values (ECT IN-64: 0.010, 0.050, 0.100)
+    tick_nimg: int = 12_800                    # stats / progress period in images
+    checkpoint_nimg: int = 0                   # checkpoint period in images (0 = only at the end)
+    keep_checkpoints: int = 2                  # last K checkpoints kept
+    sample_nimg: int = 0                       # PNG sample-grid period in images (0 = start and end)
+    max_nonfinite_steps: int = 10              # stop after this many consecutive non-finite steps
+    workers: int = 0                           # DataLoader workers for real datasets
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets: one table. Embedded presets run on a CPU in minutes; paper-scale ones follow the ECT scripts.
+
+_DIGITS_NET = NetConfig(arch="ddpmpp", img_resolution=8, img_channels=1, label_dim=10, model_channels=32,
+                        channel_mult=(1, 2), num_blocks=1, attn_resolutions=(), dropout=0.1)
+_TOY_NET = NetConfig(arch="mlp", img_resolution=2, img_channels=1, model_channels=128, num_blocks=3,
+                     channel_mult=(), attn_resolutions=(), dropout=0.0)
+_DIGITS = dict(dataset="digits", cond=True, batch_size=128, tick_nimg=12_800, keep_checkpoints=2,
+               ema_halflife_nimg=20_000, eval=EvalConfig(mid_t=(0.821,), num_samples=1000))
+_TOY = dict(dataset="toy2d-ring", batch_size=256, tick_nimg=25_600, ema_halflife_nimg=25_000,
+            eval=EvalConfig(mid_t=(0.5,), num_samples=2000))
+# Tuning presets on embedded data: ECT's CIFAR recipe scaled to a short budget (2 stages of q = 2).
+_SMALL_TUNE = LossConfig(task="ect", q=2.0, double_nimg=96_000, P_mean=-1.1, P_std=2.0, weighting="inv_dt")
+
+_CIFAR_NET = NetConfig(arch="ddpmpp", img_resolution=32, img_channels=3, label_dim=0, model_channels=128,
+                       channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,), dropout=0.2,
+                       sigma_min=0.003, boundary="eval")
+_CIFAR = dict(dataset="cifar10", batch_size=128, total_nimg=25_600_000, tick_nimg=12_800,
+              checkpoint_nimg=640_000, ema_halflife_nimg=886_000,  # beta 0.9999 at batch 128
+              optim=OptimConfig(name="radam", lr=1e-4, betas=(0.9, 0.999)),
+              eval=EvalConfig(mid_t=(0.821,), num_samples=50_000, metric="fid"),
+              init="edm-cifar10-32x32-uncond-vp.pkl")
+_CIFAR_LOSS = LossConfig(task="ect", P_mean=-1.1, P_std=2.0, q=2.0, k=8.0, b=1.0, mapping="sigmoid",
+                         double_nimg=3_200_000, c=0.0, weighting="inv_dt")
+
+# EDM2 ImageNet-64 presets as ECT uses them: (channels, ref lr, dropout).
+_IMG64_SIZES = {"s": (192, 1e-3, 0.40), "m": (256, 9e-4, 0.50), "l": (320, 8e-4, 0.50), "xl": (384, 7e-4, 0.50)}
+_IMG64_LOSS = LossConfig(task="ect", P_mean=-0.8, P_std=1.6, q=4.0, k=8.0, b=1.0, mapping="sigmoid",
+                         double_nimg=3_200_000, c=0.06, weighting="snrpk", ref_source="all")
+
+
+def _img64(size: str, task: str) -> "TrainConfig":
+    channels, lr, dropout = _IMG64_SIZES[size]
+    net = NetConfig(arch="edm2", img_resolution=64, img_channels=3, label_dim=1000, model_channels=channels,
+                    channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(16, 8), dropout=dropout,
+                    dropout_res=16, boundary="never")
+    return TrainConfig(
+        name=f"imagenet64-{size}-{task}", dataset="imagenet64", cond=True, net=net,
+        loss=replace(_IMG64_LOSS, task=task),
+        optim=OptimConfig(name="adam", lr=lr, betas=(0.9, 0.99), lr_schedule="inv_sqrt", lr_ref_nimg=2000 * 128),
+        eval=EvalConfig(mid_t=(1.526,), num_samples=50_000, metric="fid"),
+        total_nimg=12_800_000, batch_size=128, tick_nimg=6_400, checkpoint_nimg=320_000,
+        ema_halflife_nimg=886_000, phema_stds=(0.010, 0.050, 0.100),
+        init=f"edm2-img64-{size}.pkl",
+    )
+
+
+PRESETS: dict = {
+    # embedded: digits (8x8, 10 classes)
+    "digits-edm": TrainConfig(name="digits-edm", net=_DIGITS_NET, total_nimg=384_000,
+                              loss=LossConfig(task="edm", P_mean=-1.2, P_std=1.2, weighting="edm"),
+                              optim=OptimConfig(name="adam", lr=2e-3, betas=(0.9, 0.99)), **_DIGITS),
+    "digits-ect": TrainConfig(name="digits-ect", net=replace(_DIGITS_NET, boundary="eval"), total_nimg=192_000,
+                              loss=_SMALL_TUNE, optim=OptimConfig(name="radam", lr=5e-4), **_DIGITS),
+    "digits-sct": TrainConfig(name="digits-sct", net=replace(_DIGITS_NET, boundary="eval"), total_nimg=192_000,
+                              loss=replace(_SMALL_TUNE, task="sct", schedule="smooth", ref_source="bank",
+                                           ref_size=2048),
+                              optim=OptimConfig(name="radam", lr=5e-4), **_DIGITS),
+    # embedded: 2-D mixtures
+    "toy2d-edm": TrainConfig(name="toy2d-edm", net=_TOY_NET, total_nimg=1_280_000,
+                             loss=LossConfig(task="edm", P_mean=-1.2, P_std=1.2, weighting="edm"),
+                             optim=OptimConfig(name="adam", lr=2e-3, betas=(0.9, 0.99)), **_TOY),
+    "toy2d-ect": TrainConfig(name="toy2d-ect", net=replace(_TOY_NET, boundary="eval"), total_nimg=640_000,
+                             loss=replace(_SMALL_TUNE, double_nimg=160_000),
+                             optim=OptimConfig(name="radam", lr=5e-4), **_TOY),
+    "toy2d-sct": TrainConfig(name="toy2d-sct", net=replace(_TOY_NET, boundary="eval"), total_nimg=640_000,
+                             loss=replace(_SMALL_TUNE, double_nimg=160_000, task="sct", schedule="smooth",
+                                          ref_source="bank", ref_size=4096),
+                             optim=OptimConfig(name="radam", lr=5e-4), **_TOY),
+    # paper scale: CIFAR-10 (run_ecm.sh) and ImageNet-64 (run_imgnet_ecm.sh)
+    "cifar10-ect": TrainConfig(name="cifar10-ect", net=_CIFAR_NET, loss=_CIFAR_LOSS, **_CIFAR),
+    "cifar10-sct": TrainConfig(name="cifar10-sct", net=_CIFAR_NET,
+                               loss=replace(_CIFAR_LOSS, task="sct", schedule="smooth", ref_source="all"), **_CIFAR),
+    **{f"imagenet64-{s}-{task}": _img64(s, task) for s in _IMG64_SIZES for task in ("ect", "sct")},
+}
+for _name in [n for n in PRESETS if n.startswith("imagenet64-") and n.endswith("-sct")]:
+    PRESETS[_name] = replace(PRESETS[_name], loss=replace(PRESETS[_name].loss, schedule="smooth"))
+
+
+def get_preset(name: str) -> TrainConfig:
+    """Return the named preset, or raise a :class:`ConfigError` listing the valid names."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# Overrides, (de)serialisation.
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _coerce(value: Any, tp, where: str):
+    """Convert a CLI string (or a JSON value) to the field's type; raise ConfigError if impossible."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        return _coerce(value, args[0], where)
+    if origin in (tuple, Tuple):
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            s = value.strip().strip("()[]")
+            items = [v for v in s.split(",") if v.strip() != ""]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise ConfigError(f"{where}: expected a comma-separated list, got {value!r}")
+        elem = args[0] if args else str
+        return tuple(_coerce(v.strip() if isinstance(v, str) else v, elem, where) for v in items)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            if isinstance(value, str):
+                f = float(value.replace("_", ""))
+                if f != int(f):
+                    raise ValueError(value)
+                return int(f)
+            if isinstance(value, float) and value != int(value):
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if tp is str:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def override(cfg, **changes):
+    """``dataclasses.replace`` with validation: dotted keys reach nested configs (``loss.q=4``)."""
+    nested: dict = {}
+    flat: dict = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        types = _field_types(type(cfg))
+        if head not in types:
+            raise ConfigError(
+                f"unknown key {key!r} for {type(cfg).__name__}; valid keys: {', '.join(sorted(types))}")
+        if rest:
+            if not is_dataclass(types[head]):
+                raise ConfigError(f"{head!r} is not a nested config; {key!r} is invalid")
+            nested.setdefault(head, {})[rest] = value
+        else:
+            if is_dataclass(types[head]):
+                raise ConfigError(f"{key!r} is a nested config; set its fields as {key}.<field>=...")
+            flat[head] = _coerce(value, types[head], f"{type(cfg).__name__}.{key}")
+    for head, sub in nested.items():
+        flat[head] = override(getattr(cfg, head), **sub)
+    return replace(cfg, **flat)
+
+
+def parse_overrides(items) -> dict:
+    """Turn ``['a=1', 'loss.q=4']`` into a dict; raise ConfigError on an item without '='."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def to_dict(cfg) -> dict:
+    """A JSON-ready dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(cls, d: dict):
+    """Inverse of :func:`to_dict`, validating keys and types."""
+    types = _field_types(cls)
+    unknown = set(d) - set(types)
+    if unknown:
+        raise ConfigError(f"unknown keys for {cls.__name__}: {sorted(unknown)}; valid keys: {sorted(types)}")
+    kwargs = {}
+    for k, v in d.items():
+        tp = types[k]
+        kwargs[k] = from_dict(tp, v) if is_dataclass(tp) else _coerce(v, tp, f"{cls.__name__}.{k}")
+    return cls(**kwargs)

@@ -146,7 +146,7 @@ _CIFAR_NET = NetConfig(arch="ddpmpp", img_resolution=32, img_channels=3, label_d
                        channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,), dropout=0.2,
                        sigma_min=0.003, boundary="eval")
 _CIFAR = dict(dataset="cifar10", batch_size=128, total_nimg=25_600_000, tick_nimg=12_800,
-              checkpoint_nimg=640_000, ema_halflife_nimg=886_000,  # beta 0.9999 at batch 128
+              checkpoint_nimg=640_000, ema_halflife_nimg=887_184,  # beta 0.9999 at batch 128
               optim=OptimConfig(name="radam", lr=1e-4, betas=(0.9, 0.999)),
               eval=EvalConfig(mid_t=(0.821,), num_samples=50_000, metric="fid"),
               init="edm-cifar10-32x32-uncond-vp.pkl")
@@ -170,7 +170,7 @@ def _img64(size: str, task: str) -> "TrainConfig":
         optim=OptimConfig(name="adam", lr=lr, betas=(0.9, 0.99), lr_schedule="inv_sqrt", lr_ref_nimg=2000 * 128),
         eval=EvalConfig(mid_t=(1.526,), num_samples=50_000, metric="fid"),
         total_nimg=12_800_000, batch_size=128, tick_nimg=6_400, checkpoint_nimg=320_000,
-        ema_halflife_nimg=886_000, phema_stds=(0.010, 0.050, 0.100),
+        ema_halflife_nimg=887_184, phema_stds=(0.010, 0.050, 0.100),
         init=f"edm2-img64-{size}.pkl",
     )
 

@@ -1,0 +1,760 @@
+"""The one training loop: diffusion pre-training of a teacher (``edm``), ECT and SCT tuning.
+
+    python -m sctlib.train --preset digits-sct --run-dir runs/digits-sct total_nimg=64000 seed=1
+    torchrun --standalone --nproc_per_node=8 -m sctlib.train --preset imagenet64-s-sct --run-dir runs/s-sct \\
+        data_path=datasets/edm2-imagenet-64x64.zip init=edm2-img64-s-1073741-0.075.pkl
+
+Design (EDM2's training loop is the model; ECT's weaknesses are listed in ect-edm-code-facts.md Sec. 6):
+
+* Progress is counted in images seen (``nimg``). The data order, the random draws of every micro-batch
+  (t, eps, dropout masks) and the schedule are functions of (seed, images seen, position in the global
+  batch), so a resumed run continues exactly and 1 process with k accumulation rounds draws what
+  k processes draw.
+* The gradient is the mean over the *global* batch whatever the split into processes and micro-batches
+  (ECT multiplies it by the number of accumulation rounds).
+* Non-finite losses or gradients skip the step and are counted; after ``max_nonfinite_steps`` in a row
+  the run stops with an error naming the step. Nothing is silently zeroed (ECT uses ``nan_to_num``).
+* Checkpoints are inert safetensors files written atomically; the last K are kept; re-running the same
+  command resumes from the newest readable one.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoints, config as config_mod, data as data_mod, samplers, schedules
+from .config import ConfigError, TrainConfig
+from .ema import EMA, PowerFunctionEMA
+from .losses import build_loss
+from .networks import build_network
+
+__all__ = [
+    "train",
+    "Trainer",
+    "NonFiniteError",
+    "seed_for",
+    "IndexStream",
+    "load_run",
+    "latest_checkpoint",
+    "T_BIN_EDGES",
+    "main",
+]
+
+# Log-spaced t bins for the per-t target-variance log (ECT vs SCT: the paper's thesis, SCT Fig. 1).
+T_BIN_EDGES = tuple(float(x) for x in np.logspace(-3, 2, 11))
+# Keys that may change between a run and its resumption (they do not change the trajectory).
+RESUMABLE_KEYS = {"total_nimg", "checkpoint_nimg", "keep_checkpoints", "sample_nimg", "tick_nimg", "workers",
+                  "max_nonfinite_steps", "eval"}
+CKPT_RE = re.compile(r"^ckpt-(\d{12})\.safetensors$")
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after ``max_nonfinite_steps`` consecutive steps with non-finite loss or gradients."""
+
+
+def seed_for(*keys: int) -> int:
+    """A 63-bit seed from integer keys, e.g. (seed, images seen + global offset); SeedSequence mixing."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+class IndexStream:
+    """The global data order: epoch e is a permutation seeded by (seed, e); position p is image p seen.
+
+    Being a pure function of the position, it needs no state in checkpoints: resuming at ``nimg``
+    continues the same order (EDM2's ``InfiniteSampler(start_idx=cur_nimg)`` plays the same role).
+    """
+
+    def __init__(self, num_items: int, seed: int):
+        if num_items <= 0:
+            raise ValueError("the dataset is empty")
+        self.num_items = int(num_items)
+        self.seed = int(seed)
+        self._cache: Dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._cache:
+            if len(self._cache) > 2:
+                self._cache.pop(min(self._cache))
+            g = torch.Generator().manual_seed(seed_for(self.seed, 0x5EED, epoch))
+            self._cache[epoch] = torch.randperm(self.num_items, generator=g)
+        return self._cache[epoch]
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        pos = torch.arange(start, start + count, dtype=torch.int64)
+        epochs = pos // self.num_items
+        out = torch.empty(count, dtype=torch.int64)
+        for e in epochs.unique().tolist():
+            sel = epochs == e
+            out[sel] = self._perm(int(e))[pos[sel] % self.num_items]
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed set-up.
+
+def _dist_env():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local_rank
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda was requested but CUDA is not available; use device=cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {name!r}")
+
+
+def _init_distributed(device: torch.device, world: int) -> None:
+    import torch.distributed as dist
+
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def _is_dist() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+# ------------------------------------------------------------------------------------------------
+# Initial weights.
+
+def _init_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """State dict of an init source: a run dir, our .safetensors, a training checkpoint, or a foreign pickle."""
+    p = Path(path)
+    if p.is_dir():
+        cand = p / "final.safetensors"
+        if not cand.exists():
+            ck = latest_checkpoint(p / "checkpoints")
+            if ck is None:
+                raise FileNotFoundError(f"init: {p} holds neither final.safetensors nor a checkpoint")
+            cand = ck
+        p = cand
+    if not p.exists():
+        hint = ""
+        if p.suffix in (".pkl", ".pt"):
+            hint = (" Published EDM/EDM2/ECT snapshots cannot be downloaded here: fetch the file on a connected "
+                    "machine (see the README, 'Starting from published weights') and pass its local path.")
+        raise FileNotFoundError(f"init: {p} does not exist.{hint}")
+    if p.suffix in (".pkl", ".pt"):
+        from .convert import state_dict_from_pickle
+
+        sd, _info = state_dict_from_pickle(str(p))
+        return sd
+    if CKPT_RE.match(p.name):
+        tree = checkpoints.load_tree(str(p))
+        return tree.get("ema") or tree["net"]
+    from safetensors.torch import load_file
+
+    return load_file(str(p))
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint in ``ckpt_dir`` (None if there is none)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    found = sorted(p for p in ckpt_dir.iterdir() if CKPT_RE.match(p.name))
+    return found[-1] if found else None
+
+
+def _git_sha() -> Optional[str]:
+    try:
+        return checkpoints.git_sha()
+    except Exception:  # noqa: BLE001 - metadata only
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer.
+
+class Trainer:
+    """Holds the state of one run; :meth:`run` trains to ``cfg.total_nimg`` (resuming if possible)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir, *, progress: bool = True,
+                 eval_fn: Optional[Callable[[nn.Module, int], dict]] = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.eval_fn = eval_fn
+        self.rank, self.world, self.local_rank = _dist_env()
+        self.device = _resolve_device(cfg.device, self.local_rank)
+        _init_distributed(self.device, self.world)
+        self._check_config()
+
+        # Data.
+        self.dataset = data_mod.load_dataset(cfg.dataset, path=cfg.data_path, resolution=cfg.data_resolution,
+                                             cond=cfg.cond, seed=cfg.seed)
+        if cfg.cond and self.dataset.label_dim == 0:
+            raise ConfigError(f"cond=True but dataset {cfg.dataset!r} has no labels")
+        self.in_memory = hasattr(self.dataset, "tensors")
+        if self.in_memory:
+            X, y = self.dataset.tensors()
+            self.X, self.y = X.to(self.device), y.to(self.device)
+        self.stream = IndexStream(len(self.dataset), cfg.seed)
+
+        # Network, EMA, optimizer, loss.
+        torch.manual_seed(seed_for(cfg.seed, 0xC0FFEE))  # initial weights
+        self.net = build_network(cfg.net).to(self.device).train()
+        if cfg.init:
+            sd = _init_state_dict(cfg.init)
+            self._load_weights(self.net, sd, f"init {cfg.init}")
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
+            if cfg.channels_last and cfg.net.arch != "mlp":
+                self.net = self.net.to(memory_format=torch.channels_last)
+        self.ema = EMA(self.net, cfg.ema_halflife_nimg, cfg.ema_rampup_ratio) if cfg.ema_halflife_nimg > 0 else None
+        self.phema = PowerFunctionEMA(self.net, cfg.phema_stds) if cfg.phema_stds else None
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        opt_cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[cfg.optim.name]
+        self.opt = opt_cls(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        self.loss_fn = build_loss(cfg.loss)
+        self.precision = self._precision()
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+
+        self.ddp = self.net
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp = DDP(self.net, device_ids=[self.device] if self.device.type == "cuda" else None,
+                           broadcast_buffers=False)
+        if cfg.compile:
+            self.ddp = torch.compile(self.ddp)
+
+        # Progress state.
+        self.nimg = 0
+        self.step = 0
+        self.consecutive_nonfinite = 0
+        self.total_nonfinite = 0
+        self.per_rank = cfg.batch_size // self.world
+        self.batch_gpu = cfg.batch_gpu or self.per_rank
+        self._reset_tick()
+
+    # -- configuration -------------------------------------------------------------------------
+    def _check_config(self) -> None:
+        cfg = self.cfg
+        if cfg.batch_size <= 0 or cfg.batch_size % self.world:
+            raise ConfigError(f"batch_size={cfg.batch_size} must be a positive multiple of the {self.world} processes")
+        per_rank = cfg.batch_size // self.world
+        bg = cfg.batch_gpu or per_rank
+        if bg <= 0 or per_rank % bg:
+            raise ConfigError(f"batch_gpu={cfg.batch_gpu} must divide the per-process batch {per_rank}")
+        if cfg.total_nimg <= 0:
+            raise ConfigError("total_nimg must be positive")
+        if cfg.optim.name not in ("adam", "radam"):
+            raise ConfigError(f"optim.name must be 'adam' or 'radam', got {cfg.optim.name!r}")
+        if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
+        if cfg.cond and cfg.net.label_dim == 0:
+            raise ConfigError("cond=True needs net.label_dim > 0")
+        if not cfg.cond and cfg.net.label_dim > 0:
+            raise ConfigError("net.label_dim > 0 needs cond=True (or set net.label_dim=0)")
+
+    def _precision(self) -> str:
+        p = self.cfg.precision
+        if p == "auto":
+            p = "bf16" if self.device.type == "cuda" else "fp32"
+        if p == "fp16" and self.device.type != "cuda":
+            raise ConfigError("precision=fp16 (with a gradient scaler) needs CUDA; use fp32 or bf16 on the CPU")
+        return p
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    @staticmethod
+    def _load_weights(module: nn.Module, sd: Dict[str, torch.Tensor], what: str) -> None:
+        own = module.state_dict()
+        missing = [k for k in own if k not in sd]
+        unexpected = [k for k in sd if k not in own]
+        bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+               if k in sd and sd[k].shape != own[k].shape]
+        if missing or unexpected or bad:
+            raise ValueError(
+                f"{what} does not fit the configured network: {len(missing)} missing keys {missing[:5]}, "
+                f"{len(unexpected)} unexpected keys {unexpected[:5]}, {len(bad)} shape mismatches {bad[:5]}")
+        module.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
+
+    # -- data ----------------------------------------------------------------------------------
+    def _microbatches(self):
+        """Yield (global offset, x0, labels) for this rank's share of the step at ``self.nimg``."""
+        idx = self.stream.indices(self.nimg, self.cfg.batch_size)
+        mine = idx[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+        for j in range(0, self.per_rank, self.batch_gpu):
+            sel = mine[j:j + self.batch_gpu]
+            if self.in_memory:
+                sel_d = sel.to(self.device)
+                x0, y = self.X[sel_d], self.y[sel_d]
+            else:
+                items = [self.dataset[int(i)] for i in sel]
+                x0 = torch.stack([it[0] for it in items]).to(self.device, non_blocking=True)
+                y = torch.as_tensor([it[1] for it in items], dtype=torch.int64, device=self.device)
+            if self.cfg.channels_last and x0.ndim == 4 and self.device.type == "cuda":
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            yield self.rank * self.per_rank + j, x0, (y if self.cfg.cond else None)
+
+    # -- stats ---------------------------------------------------------------------------------
+    def _reset_tick(self) -> None:
+        nb = len(T_BIN_EDGES) + 1
+        dev = self.device
+        self.acc = {
+            "loss_sum": torch.zeros((), dtype=torch.float64, device=dev),
+            "loss_sq": torch.zeros((), dtype=torch.float64, device=dev),
+            "count": torch.zeros((), dtype=torch.float64, device=dev),
+            "nonfinite": torch.zeros((), dtype=torch.float64, device=dev),
+            "fallback": torch.zeros((), dtype=torch.float64, device=dev),
+            "res_sum": torch.zeros(nb, dtype=torch.float64, device=dev),
+            "res_sq": torch.zeros(nb, dtype=torch.float64, device=dev),
+            "res_n": torch.zeros(nb, dtype=torch.float64, device=dev),
+        }
+        self.tick_start_time = time.time()
+        self.tick_start_nimg = self.nimg
+        self.tick_skipped = 0
+
+    def _accumulate(self, loss: torch.Tensor, stats: dict) -> None:
+        a = self.acc
+        l = loss.detach().double()
+        fin = torch.isfinite(l)
+        a["loss_sum"] += torch.where(fin, l, 0).sum()
+        a["loss_sq"] += torch.where(fin, l * l, 0).sum()
+        a["count"] += fin.sum()
+        a["nonfinite"] += (~fin).sum()
+        if "fallback" in stats:
+            a["fallback"] += torch.as_tensor(stats["fallback"], device=self.device).double().sum()
+        if "residual" in stats and "t" in stats:
+            edges = torch.as_tensor(T_BIN_EDGES, dtype=torch.float64, device=self.device)
+            t = stats["t"].detach().double().reshape(-1)
+            res = stats["residual"].detach().double().reshape(-1)
+            ok = torch.isfinite(res)
+            b = torch.bucketize(t, edges)
+            a["res_sum"].index_add_(0, b, torch.where(ok, res, 0))
+            a["res_sq"].index_add_(0, b, torch.where(ok, res * res, 0))
+            a["res_n"].index_add_(0, b, ok.double())
+
+    def _write_tick(self, pbar) -> dict:
+        a = self.acc
+        if _is_dist():
+            import torch.distributed as dist
+
+            for v in a.values():
+                dist.all_reduce(v)
+        vals = {k: v.cpu().numpy() for k, v in a.items()}
+        dt = max(time.time() - self.tick_start_time, 1e-9)
+        n = max(vals["count"].item(), 1.0)
+        mean = vals["loss_sum"].item() / n
+        res_n = np.maximum(vals["res_n"], 1.0)
+        res_mean = vals["res_sum"] / res_n
+        line = {
+            "nimg": self.nimg,
+            "step": self.step,
+            "loss": mean,
+            "loss_std": math.sqrt(max(vals["loss_sq"].item() / n - mean * mean, 0.0)),
+            "img_per_s": (self.nimg - self.tick_start_nimg) / dt,
+            "lr": self.opt.param_groups[0]["lr"],
+            "stage_exponent": float(self.loss_fn.stage(self.nimg)) if hasattr(self.loss_fn, "stage") else None,
+            "nonfinite_losses": int(vals["nonfinite"].item()),
+            "skipped_steps": self.tick_skipped,
+            "sct_fallbacks": int(vals["fallback"].item()),
+            # Per t-bin mean and variance of the squared residual ||target - f(x_t, t)||^2 / d.
+            "t_bin_edges": list(T_BIN_EDGES),
+            "residual_mean": [float(x) for x in res_mean],
+            "residual_var": [float(x) for x in np.maximum(vals["res_sq"] / res_n - res_mean**2, 0.0)],
+            "residual_count": [int(x) for x in vals["res_n"]],
+            "time": time.time(),
+        }
+        if self.device.type == "cuda":
+            line["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.rank == 0:
+            with open(self.run_dir / "stats.jsonl", "a") as fh:
+                fh.write(json.dumps(line) + "\n")
+            if pbar is not None:
+                pbar.set_postfix(loss=f"{mean:.4g}", ips=f"{line['img_per_s']:.0f}")
+        self._reset_tick()
+        return line
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _rng_state(self) -> dict:
+        st = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            st["cuda"] = torch.cuda.get_rng_state(self.device)
+        return st
+
+    def save_checkpoint(self) -> Optional[Path]:
+        """Write ckpt-<nimg>.safetensors (+ per-rank files when distributed); keep the last K."""
+        d = self._ckpt_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        name = f"ckpt-{self.nimg:012d}"
+        rank_state = {"loss": self.loss_fn.state_dict(), "rng": self._rng_state()}
+        if self.world > 1:
+            checkpoints.save_tree(str(d / f"{name}.rank{self.rank:03d}.safetensors"), rank_state)
+            import torch.distributed as dist
+
+            dist.barrier()
+        path = d / f"{name}.safetensors"
+        if self.rank == 0:
+            tree = {
+                "nimg": self.nimg,
+                "step": self.step,
+                "world": self.world,
+                "consecutive_nonfinite": self.consecutive_nonfinite,
+                "total_nonfinite": self.total_nonfinite,
+                "net": self.net.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None,
+                "phema": self.phema.state_dict() if self.phema else None,
+                "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                **(rank_state if self.world == 1 else {}),
+            }
+            # The main file is written last: it is the commit marker of this checkpoint.
+            checkpoints.save_tree(str(path), tree, meta={"config": config_mod.to_dict(self.cfg), "git": _git_sha()})
+            self._prune(d)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return path
+
+    def _prune(self, d: Path) -> None:
+        found = sorted(p for p in d.iterdir() if CKPT_RE.match(p.name))
+        for old in found[: max(len(found) - self.cfg.keep_checkpoints, 0)]:
+            stem = old.name[: -len(".safetensors")]
+            for p in d.glob(stem + ".*"):
+                p.unlink(missing_ok=True)
+
+    def try_resume(self) -> bool:
+        """Load the newest readable checkpoint; return True if one was found."""
+        d = self._ckpt_dir()
+        if not d.is_dir():
+            return False
+        cands = sorted((p for p in d.iterdir() if CKPT_RE.match(p.name)), reverse=True)
+        for path in cands:
+            try:
+                tree = checkpoints.load_tree(str(path), map_location=self.device)
+                if self.world > 1:
+                    rank_tree = checkpoints.load_tree(
+                        str(d / f"{path.name[:-12]}.rank{self.rank:03d}.safetensors"), map_location=self.device)
+                else:
+                    rank_tree = tree
+            except Exception as exc:  # noqa: BLE001 - an unreadable file is skipped, loudly
+                print(f"[sctlib.train] skipping unreadable checkpoint {path.name}: {exc}", file=sys.stderr)
+                continue
+            if tree.get("world", 1) != self.world and self.cfg.loss.ref_source == "bank":
+                raise ConfigError(f"{path.name} was written by {tree.get('world')} processes; the SCT memory "
+                                  f"bank is per process, so resume with the same number ({self.world} now)")
+            self.net.load_state_dict(tree["net"])
+            if self.ema:
+                self.ema.load_state_dict(tree["ema"])
+            if self.phema:
+                self.phema.load_state_dict(tree["phema"])
+            self.opt.load_state_dict(tree["optimizer"])
+            if self.scaler and tree.get("scaler"):
+                self.scaler.load_state_dict(tree["scaler"])
+            self.loss_fn.load_state_dict(rank_tree.get("loss") or {})
+            torch.set_rng_state(rank_tree["rng"]["cpu"].cpu())
+            if self.device.type == "cuda" and "cuda" in rank_tree["rng"]:
+                torch.cuda.set_rng_state(rank_tree["rng"]["cuda"].cpu(), self.device)
+            self.nimg = int(tree["nimg"])
+            self.step = int(tree["step"])
+            self.consecutive_nonfinite = int(tree["consecutive_nonfinite"])
+            self.total_nonfinite = int(tree["total_nonfinite"])
+            self._reset_tick()
+            if self.rank == 0:
+                print(f"[sctlib.train] resumed from {path} at {self.nimg} images", file=sys.stderr)
+            return True
+        return False
+
+    # -- config record -------------------------------------------------------------------------
+    def _write_config(self) -> None:
+        path = self.run_dir / "config.json"
+        resolved = config_mod.to_dict(self.cfg)
+        if path.exists():
+            old = json.loads(path.read_text()).get("config", {})
+            diff = sorted(k for k in set(old) | set(resolved)
+                          if old.get(k) != resolved.get(k) and k not in RESUMABLE_KEYS)
+            if diff and latest_checkpoint(self._ckpt_dir()) is not None:
+                raise ConfigError(
+                    f"{self.run_dir} holds a run with a different config (keys {diff}); resume with the same "
+                    f"settings or use a new --run-dir")
+        record = {
+            "config": resolved,
+            "git_sha": _git_sha(),
+            "world_size": self.world,
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor(),
+            "precision": self.precision,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+            "seed_rule": "micro-batch seed = seed_for(seed, images seen + global offset of the micro-batch)",
+        }
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, path)
+
+    # -- samples -------------------------------------------------------------------------------
+    def sample_model(self) -> nn.Module:
+        return self.ema.model if self.ema else self.phema.models[0] if self.phema else self.net
+
+    @torch.no_grad()
+    def write_samples(self, tag: str) -> Optional[Path]:
+        if self.rank != 0:
+            return None
+        model = self.sample_model()
+        was_training = model.training
+        model.eval()
+        g = torch.Generator(device=self.device).manual_seed(seed_for(self.cfg.seed, 0x6A1D))
+        shape = tuple(self.dataset.shape)
+        n = 64 if len(shape) > 1 else 2000
+        noise = torch.randn((n, *shape), generator=g, device=self.device)
+        labels = (torch.arange(n, device=self.device) % self.cfg.net.label_dim) if self.cfg.cond else None
+        out_dir = self.run_dir / "samples"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{tag}.png"
+        t_max = self.cfg.eval.t_max
+        if self.cfg.loss.task == "edm":
+            x = samplers.sample_heun(model, noise, labels, num_steps=18, sigma_max=t_max)
+            rows = [("Heun 35 NFE", x)]
+        else:
+            x1 = samplers.sample_onestep(model, noise, labels, t_max=t_max)
+            x2 = samplers.sample_multistep(model, noise, labels, t_steps=(t_max, *self.cfg.eval.mid_t), generator=g)
+            rows = [("1 step", x1), (f"{1 + len(self.cfg.eval.mid_t)} steps", x2)]
+        if len(shape) > 1:
+            data_mod.save_image_grid(torch.cat([r[1] for r in rows]), path, nrow=8)
+        else:
+            _scatter_png(rows, path, self.X[:n].cpu() if self.in_memory else None)
+        model.train(was_training)
+        return path
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self.try_resume()
+        if self.rank == 0:
+            self._write_config()
+        if not resumed and self.rank == 0:
+            self.write_samples(f"{0:012d}")
+        pbar = None
+        if self.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            pbar = tqdm(total=cfg.total_nimg, initial=self.nimg, unit="img", unit_scale=True,
+                        desc=cfg.name, dynamic_ncols=True, disable=None)
+        t_start = time.time()
+        last_line = None
+        while self.nimg < cfg.total_nimg:
+            self.train_step()
+            if pbar is not None:
+                pbar.update(cfg.batch_size)
+            prev = self.nimg - cfg.batch_size
+            crossed = lambda every: every > 0 and self.nimg // every > prev // every  # noqa: E731
+            done = self.nimg >= cfg.total_nimg
+            if crossed(cfg.tick_nimg) or done:
+                last_line = self._write_tick(pbar)
+            if self.eval_fn is not None and (crossed(cfg.eval.every_nimg) or done) and self.rank == 0:
+                self._run_eval()
+            if crossed(cfg.sample_nimg):
+                self.write_samples(f"{self.nimg:012d}")
+            if crossed(cfg.checkpoint_nimg) or done:
+                self.save_checkpoint()
+        if pbar is not None:
+            pbar.close()
+        return self.finish(time.time() - t_start, last_line)
+
+    def _run_eval(self) -> None:
+        model = self.sample_model()
+        result = dict(self.eval_fn(model, self.nimg) or {})
+        result["nimg"] = self.nimg
+        with open(self.run_dir / "evals.jsonl", "a") as fh:
+            fh.write(json.dumps(result) + "\n")
+
+    def train_step(self) -> None:
+        cfg = self.cfg
+        # Learning rate (EDM2 inverse-sqrt or constant), a function of images seen.
+        lr = schedules.lr_at(self.nimg, lr=cfg.optim.lr, schedule=cfg.optim.lr_schedule,
+                             ref_nimg=cfg.optim.lr_ref_nimg, rampup_nimg=cfg.optim.lr_rampup_nimg)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        micro = list(self._microbatches())
+        for i, (offset, x0, labels) in enumerate(micro):
+            # Seeds derive from (seed, images seen + global position): resumption and any process split
+            # draw the same t, eps and dropout masks.
+            torch.manual_seed(seed_for(cfg.seed, self.nimg + offset))
+            sync = contextlib.nullcontext()
+            if self.world > 1 and i < len(micro) - 1:
+                sync = self.ddp.no_sync()  # all-reduce only on the last micro-batch
+            with sync:
+                with self._autocast():
+                    loss, stats = self.loss_fn(self.ddp, x0, labels, nimg=self.nimg)
+                # Mean over the global batch: DDP averages over processes, hence the factor world.
+                obj = loss.float().sum() * (self.world / cfg.batch_size)
+                if self.scaler is not None:
+                    self.scaler.scale(obj).backward()
+                else:
+                    obj.backward()
+            self._accumulate(loss, stats)
+
+        params = [p for p in self.net.parameters() if p.grad is not None]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params]))) \
+            if params else torch.zeros((), device=self.device)
+        finite = bool(torch.isfinite(norm))  # the one host sync per step: skip decisions need it
+        if finite:
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            if self.scaler is not None:
+                self.scaler.step(self.opt)
+            else:
+                self.opt.step()
+            self.consecutive_nonfinite = 0
+        else:
+            self.consecutive_nonfinite += 1
+            self.total_nonfinite += 1
+            self.tick_skipped += 1
+        if self.scaler is not None:
+            self.scaler.update()
+        step_nimg = self.nimg
+        self.nimg += cfg.batch_size
+        self.step += 1
+        if not finite and self.consecutive_nonfinite >= cfg.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self.consecutive_nonfinite} consecutive steps with non-finite loss or gradients, the last at "
+                f"step {self.step - 1} (images {step_nimg}..{self.nimg}); the last good checkpoint is in "
+                f"{self._ckpt_dir()}. Lower the learning rate, use precision=fp32, or check the data.")
+        if self.ema:
+            self.ema.update(self.net, self.nimg, cfg.batch_size)
+        if self.phema:
+            self.phema.update(self.net, self.nimg, cfg.batch_size)
+
+    def finish(self, wall_s: float, last_line: Optional[dict]) -> dict:
+        meta = {"nimg": self.nimg, "git_sha": _git_sha(), "preset": self.cfg.name, "task": self.cfg.loss.task,
+                "config": config_mod.to_dict(self.cfg)}
+        if self.rank == 0:
+            net_cfg = config_mod.to_dict(self.cfg.net)
+            if self.ema:
+                checkpoints.save_model(str(self.run_dir / "final"), self.ema.model, net_config=net_cfg,
+                                       meta={**meta, "weights": "ema", "ema_halflife_nimg": self.cfg.ema_halflife_nimg})
+                checkpoints.save_model(str(self.run_dir / "final_net"), self.net, net_config=net_cfg,
+                                       meta={**meta, "weights": "online"})
+            else:
+                checkpoints.save_model(str(self.run_dir / "final"), self.net, net_config=net_cfg,
+                                       meta={**meta, "weights": "online"})
+            if self.phema:
+                for s, m in zip(self.phema.stds, self.phema.models):
+                    checkpoints.save_model(str(self.run_dir / f"final_phema-{s:.3f}"), m, net_config=net_cfg,
+                                           meta={**meta, "weights": "phema", "sigma_rel": s})
+            self.write_samples("final")
+        return {"nimg": self.nimg, "steps": self.step, "wall_s": wall_s, "skipped_steps": self.total_nonfinite,
+                "last_tick": last_line, "run_dir": str(self.run_dir)}
+
+
+def _scatter_png(rows, path: Path, data: Optional[torch.Tensor]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows) + (data is not None), figsize=(3.2 * (len(rows) + 1), 3.2))
+    panels = ([("data", data)] if data is not None else []) + list(rows)
+    for ax, (title, x) in zip(np.atleast_1d(axes), panels):
+        x = x.detach().float().cpu()
+        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
+        ax.set_title(title)
+        ax.set_aspect("equal")
+        ax.set_xlim(-2.5, 2.5)
+        ax.set_ylim(-2.5, 2.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, run_dir, *, progress: bool = True,
+          eval_fn: Optional[Callable[[nn.Module, int], dict]] = None) -> dict:
+    """Train (or resume) one run into ``run_dir``; returns a summary dict."""
+    return Trainer(cfg, run_dir, progress=progress, eval_fn=eval_fn).run()
+
+
+def load_run(run_dir, which: str = "final"):
+    """Load a finished run's network: ``which`` is 'final' (EMA if any), 'final_net' or 'final_phema-0.050'."""
+    model, info = checkpoints.load_model(str(Path(run_dir) / which))
+    return model.eval(), info
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI.
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sctlib.train",
+        description="Train a diffusion teacher (task edm) or tune it with ECT / SCT. Overrides use the config's "
+                    "field names, dotted for nested configs: total_nimg=64000 loss.q=4 net.dropout=0.1.")
+    p.add_argument("--preset", help="named preset (see --list-presets)")
+    p.add_argument("--run-dir", help="output folder; re-running the same command resumes from it")
+    p.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def resolve_config(preset: str, overrides) -> TrainConfig:
+    cfg = config_mod.get_preset(preset)
+    return config_mod.override(cfg, **config_mod.parse_overrides(overrides))
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.list_presets:
+        for name in sorted(config_mod.PRESETS):
+            print(name)
+        return 0
+    try:
+        if not args.preset:
+            raise ConfigError("--preset is required; valid presets: " + ", ".join(sorted(config_mod.PRESETS)))
+        cfg = resolve_config(args.preset, args.overrides)
+        if args.print_config:
+            print(json.dumps(config_mod.to_dict(cfg), indent=2))
+            return 0
+        if not args.run_dir:
+            raise ConfigError("--run-dir is required")
+        summary = train(cfg, args.run_dir, progress=not args.no_progress)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "last_tick"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Command line: ``python -m sctlib.data convert {cifar10,imagenet64,folder} SRC DST.zip`` and ``info ZIP``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sctlib.data", description="sctlib data tools: convert data sets to EDM-format zips.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("convert", help="convert an official download to an EDM-format zip",
+                       description="cifar10: cifar-10-python.tar.gz or its extracted folder. "
+                                   "imagenet64: Imagenet64_train_part*.zip / a folder of train_data_batch_* (npz or pickle) "
+                                   "/ a folder of class folders of JPEGs (ADM centre-crop resize). "
+                                   "folder: any class-per-folder image tree at --resolution.")
+    c.add_argument("dataset", choices=("cifar10", "imagenet64", "folder"))
+    c.add_argument("src", help="source file or folder")
+    c.add_argument("dst", help="destination .zip (written atomically)")
+    c.add_argument("--split", default=None, help="cifar10: train|test (default train); imagenet64 batches: train|val")
+    c.add_argument("--resolution", type=int, default=64, help="output size for JPEG folders (default 64)")
+    c.add_argument("--max-images", type=int, default=None, help="stop after this many images (smoke tests)")
+    c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    i = sub.add_parser("info", help="print size, shape and label count of an EDM-format zip")
+    i.add_argument("zip")
+    args = ap.parse_args(argv)
+
+    from . import convert as cv
+    from .edmzip import EDMZipDataset
+
+    try:
+        if args.cmd == "convert":
+            kw = dict(progress=not args.no_progress, max_images=args.max_images)
+            if args.dataset == "cifar10":
+                out = cv.convert_cifar10(args.src, args.dst, split=args.split or "train", **kw)
+            elif args.dataset == "imagenet64":
+                out = cv.convert_imagenet64(args.src, args.dst, split=args.split or "train", resolution=args.resolution, **kw)
+            else:
+                out = cv.convert_image_folder(args.src, args.dst, resolution=args.resolution, **kw)
+            ds = EDMZipDataset(out, cache=False)
+            print(f"wrote {out}: {ds.num_images} images of shape {ds.shape}, {ds.num_classes} classes")
+        else:
+            ds = EDMZipDataset(args.zip, cache=False)
+            print(f"{args.zip}: {ds.num_images} images of shape {ds.shape}, {ds.num_classes} classes, fingerprint {ds.fingerprint()}")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -134,12 +134,12 @@ def _cifar_batches(src: Path, names: Sequence[str]) -> Iterator[Tuple[str, bytes
     """(source name, raw pickle bytes) of each batch, from the tar.gz or an extracted folder."""
     if src.is_dir():
         base = src / "cifar-10-batches-py" if (src / "cifar-10-batches-py").is_dir() else src
+        for n in names:  # check all first: fail before converting anything
+            if not (base / n).is_file():
+                raise ConversionError(f"{str(base / n)!r} is missing: expected the extracted cifar-10-batches-py "
+                                      f"folder with {', '.join(names)}")
         for n in names:
-            f = base / n
-            if not f.is_file():
-                raise ConversionError(f"{str(f)!r} is missing: expected the extracted cifar-10-batches-py folder "
-                                      f"with {', '.join(names)}")
-            yield str(f), f.read_bytes()
+            yield str(base / n), (base / n).read_bytes()
         return
     try:
         tf = tarfile.open(src, "r:*")

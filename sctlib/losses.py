@@ -1,0 +1,253 @@
+"""Per-sample training losses: EDM teacher pre-training, ECT and SCT consistency tuning.
+
+References
+----------
+* Karras et al. 2022 (EDM), Eq. 2 with the weight lambda(sigma) of Table 1: denoising score matching.
+* Geng et al. 2024 (ECT), Sec. 3 and the official code (``ect-edm-code-facts.md`` Sec. 1.1-1.4):
+  log-normal t, r = mapping(t, stage), one shared eps, the same network as a stop-gradient target with
+  the same dropout mask, pseudo-Huber / L2 distance and a 1/(t - r) or "snrpk" weight.
+* Wang et al. 2024 (SCT), Sec. 4.1 [RECON]: the target point is the variance-reduced x_hat_r built from
+  the score-identity estimate of E[x0 | x_t] over a reference set; Sec. 4.2 [RECON]: smooth schedule;
+  Sec. 4.3 / PCM [RECON]: phased consistency functions f^m(x, t) = (s_m/t) x + (1 - s_m/t) D(x, t).
+
+Protocol: ``loss(net, x0, labels=None, *, nimg) -> (per_sample_loss [B], stats)``; ``net`` is a denoiser
+D(x, sigma, labels), possibly DDP-wrapped. t, eps and dropout masks come from the global torch RNG.
+Nothing here synchronises with the host (no ``.item()``), so the losses are graph-capture friendly.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from sctlib.config import LossConfig
+from sctlib.networks.layers import record_dropout, replay_dropout
+from sctlib.precond import as_sigma
+from sctlib.schedules import (MAPPINGS, SCHEDULES, WEIGHTINGS, loss_weight, mapping_r, sample_t_lognormal,
+                              stage_exponent)
+from sctlib.targets import (REF_SOURCES, ReferenceBank, ect_target_point, gather_references, posterior_mean,
+                            sct_target_point)
+
+__all__ = ["EDMLoss", "ECTLoss", "SCTLoss", "build_loss", "TASKS"]
+
+TASKS = ("edm", "ect", "sct")
+
+Stats = Dict[str, torch.Tensor]
+
+
+def _sum_sq(x: torch.Tensor) -> torch.Tensor:
+    """Sum of squares over all non-batch dimensions -> [B]."""
+    return x.pow(2).reshape(x.shape[0], -1).sum(dim=1)
+
+
+def _mean_sq(x: torch.Tensor) -> torch.Tensor:
+    return x.pow(2).reshape(x.shape[0], -1).mean(dim=1)
+
+
+def _check_common(cfg: LossConfig) -> None:
+    if cfg.weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {cfg.weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+    if cfg.P_std < 0:
+        raise ValueError(f"P_std must be >= 0, got {cfg.P_std}")
+    if not cfg.sigma_data > 0:
+        raise ValueError(f"sigma_data must be > 0, got {cfg.sigma_data}")
+
+
+class EDMLoss:
+    """EDM Eq. 2: lambda(t) * sum_pixels (D(x0 + t eps, t) - x0)^2 with log-normal t (teacher pre-training).
+
+    ``cfg.weighting`` picks lambda ('edm' = (t^2 + sd^2)/(t sd)^2 by default; 'inv_dt' becomes 1/t since r = 0).
+    """
+
+    def __init__(self, cfg: LossConfig):
+        _check_common(cfg)
+        self.cfg = cfg
+
+    def stage(self, nimg: float) -> float:
+        return 0.0  # diffusion training: r = 0 throughout
+
+    def ratio(self, nimg: float) -> float:
+        return 0.0
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"EDMLoss has no state, got keys {sorted(state)}")
+
+    def __call__(self, net: nn.Module, x0: torch.Tensor, labels=None, *, nimg: float) -> Tuple[torch.Tensor, Stats]:
+        cfg = self.cfg
+        t = sample_t_lognormal(x0.shape[0], cfg.P_mean, cfg.P_std, device=x0.device)
+        eps = torch.randn_like(x0)
+        x_t = x0 + as_sigma(t, x0) * eps
+        D_t = net(x_t, t, labels)
+        r = torch.zeros_like(t)
+        loss = loss_weight(t, r, cfg.weighting, cfg.sigma_data) * _sum_sq(D_t - x0)
+        stats = {
+            "t": t.detach(),
+            "r": r,
+            "residual": _mean_sq(D_t.detach() - x0),
+            "nonfinite": (~torch.isfinite(loss.detach())).sum(),
+        }
+        return loss, stats
+
+
+class ECTLoss:
+    """Easy Consistency Tuning loss (ECT Sec. 3; code facts Sec. 1.2), with optional phases (PCM / SCT 4.3).
+
+    Per sample: t log-normal; a = stage_exponent(nimg); r = max(mapping_r(t, a), s_m(t)); one eps;
+    student f^m(x_t, t) with grad; target sg(f^m(x_r, r)) from the same network with the same dropout
+    masks (record/replay, no RNG rewinding); where r == s_m the target is the target point itself (the
+    clean x0 for one phase). Distance sqrt(L2 + c^2) - c (c > 0) or sqrt(L2); times loss_weight(t, r).
+    """
+
+    def __init__(self, cfg: LossConfig):
+        _check_common(cfg)
+        if cfg.mapping not in MAPPINGS:
+            raise ValueError(f"unknown mapping {cfg.mapping!r}; valid: {', '.join(MAPPINGS)}")
+        if cfg.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {cfg.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if not cfg.double_nimg > 0:
+            raise ValueError(f"double_nimg must be > 0, got {cfg.double_nimg}")
+        if not cfg.q > 1:
+            raise ValueError(f"q must be > 1, got {cfg.q}")
+        if cfg.c < 0:
+            raise ValueError(f"pseudo-Huber c must be >= 0, got {cfg.c}")
+        edges = [float(e) for e in cfg.edges]
+        if not edges or edges[0] != 0.0 or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(
+                f"loss edges must be strictly increasing and start at s_0 = 0, got {list(cfg.edges)}; "
+                "the sigma_min boundary is the job of Precond(boundary=...)")
+        self.cfg = cfg
+        self.edges = edges
+
+    # -- schedule, for logs ---------------------------------------------------------------------
+    def stage(self, nimg: float) -> float:
+        """The exponent a of Delta t / t = q^{-a} n(t) (ECT staircase or SCT smooth)."""
+        return stage_exponent(nimg, self.cfg.double_nimg, self.cfg.schedule)
+
+    def ratio(self, nimg: float) -> float:
+        """r / t for large t ('const' mapping): 1 - q^{-a} (ECT's logged 'ratio')."""
+        return 1.0 - self.cfg.q ** (-self.stage(nimg))
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def _lower_edge(self, t: torch.Tensor) -> Optional[torch.Tensor]:
+        """s_m(t), the lower edge of t's phase; None for a single phase (s_0 = 0, f = D)."""
+        if len(self.edges) == 1:
+            return None
+        e = torch.tensor(self.edges, dtype=t.dtype, device=t.device)
+        idx = torch.searchsorted(e, t.contiguous(), right=True) - 1
+        return e[idx.clamp(min=0)]
+
+    @staticmethod
+    def _phased(x: torch.Tensor, t: torch.Tensor, s: Optional[torch.Tensor], D_out: torch.Tensor) -> torch.Tensor:
+        """f^m = (s_m/t) x + (1 - s_m/t) D (PCM Eq. 3, VE form); exactly D for one phase."""
+        if s is None:
+            return D_out
+        ratio = as_sigma(s / t, x)
+        return ratio * x + (1 - ratio) * D_out
+
+    def _target_point(self, x_t, t, r, x0, eps, labels, stats: Stats) -> torch.Tensor:
+        return ect_target_point(x0, eps, r)
+
+    # -- the loss -------------------------------------------------------------------------------
+    def __call__(self, net: nn.Module, x0: torch.Tensor, labels=None, *, nimg: float) -> Tuple[torch.Tensor, Stats]:
+        cfg = self.cfg
+        B = x0.shape[0]
+        t = sample_t_lognormal(B, cfg.P_mean, cfg.P_std, device=x0.device)
+        eps = torch.randn_like(x0)
+        a = self.stage(nimg)
+        r = mapping_r(t, a, q=cfg.q, k=cfg.k, b=cfg.b, mapping=cfg.mapping)
+        s = self._lower_edge(t)
+        if s is not None:
+            r = torch.maximum(r, s)  # both points stay in t's phase (PCM Eq. 5)
+        at_edge = r <= (torch.zeros_like(r) if s is None else s)  # r == s_m: target = target point
+
+        x_t = x0 + as_sigma(t, x0) * eps
+        stats: Stats = {}
+        x_r = self._target_point(x_t, t, r, x0, eps, labels, stats)
+
+        # Student with grad; its dropout masks are recorded for the target pass.
+        with record_dropout(net):
+            f_t = self._phased(x_t, t, s, net(x_t, t, labels))
+
+        # Target: same weights, no grad, same dropout masks (replayed, so the global RNG is untouched).
+        # Rows with r == s_m get a safe sigma (t) and are then replaced by x_r: no log(0), no host sync.
+        target_net = getattr(net, "module", net)
+        r_safe = torch.where(at_edge, t, r)
+        with torch.no_grad(), replay_dropout(target_net):
+            f_r = self._phased(x_r, r_safe, s, target_net(x_r, r_safe, labels))
+        target = torch.where(at_edge.reshape(B, *([1] * (x0.ndim - 1))), x_r, f_r).detach()
+
+        diff = f_t - target
+        L2 = _sum_sq(diff)
+        dist = (L2 + cfg.c**2).sqrt() - cfg.c if cfg.c > 0 else L2.sqrt()
+        loss = dist * loss_weight(t, r, cfg.weighting, cfg.sigma_data)
+        stats.update({
+            "t": t.detach(),
+            "r": r.detach(),
+            "residual": _mean_sq(diff.detach()),
+            "nonfinite": (~torch.isfinite(loss.detach())).sum(),
+        })
+        return loss, stats
+
+
+class SCTLoss(ECTLoss):
+    """Stable Consistency Tuning loss (SCT Sec. 4.1 [RECON]): ECT with the variance-reduced target point.
+
+    x0_hat = posterior_mean(x_t, t, refs) over ``gather_references(x0, labels, cfg.ref_source)`` (class-
+    restricted if ``cfg.ref_conditional`` and labels are given; samples without a same-class reference
+    fall back to their own x0), then x_hat_r = sct_target_point(...). With a reference set holding only
+    the own x0 this reproduces ECT bit for bit. Stats add 'fallback' (count) and 'ess' [B].
+    """
+
+    def __init__(self, cfg: LossConfig):
+        super().__init__(cfg)
+        if cfg.ref_source not in REF_SOURCES:
+            raise ValueError(f"unknown ref_source {cfg.ref_source!r}; valid: {', '.join(REF_SOURCES)}")
+        if cfg.ref_chunk < 1:
+            raise ValueError(f"ref_chunk must be >= 1, got {cfg.ref_chunk}")
+        self.bank: Optional[ReferenceBank] = None
+        if cfg.ref_source == "bank":
+            if cfg.ref_size < 1:
+                raise ValueError(f"ref_source='bank' needs ref_size >= 1 (bank capacity in images), got {cfg.ref_size}")
+            self.bank = ReferenceBank(cfg.ref_size)
+
+    def state_dict(self) -> dict:
+        return {} if self.bank is None else {"bank": self.bank.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.bank is None:
+            super().load_state_dict(state)
+        elif "bank" in state:
+            self.bank.load_state_dict(state["bank"])
+        else:
+            raise ValueError("SCTLoss with a memory bank: the state has no 'bank' entry")
+
+    def _target_point(self, x_t, t, r, x0, eps, labels, stats: Stats) -> torch.Tensor:
+        cfg = self.cfg
+        use_labels = labels if (cfg.ref_conditional and labels is not None) else None
+        ref, ref_labels = gather_references(x0, labels, cfg.ref_source, self.bank)
+        x0_hat, pm = posterior_mean(x_t, t, ref, labels=use_labels,
+                                    ref_labels=ref_labels if use_labels is not None else None,
+                                    fallback=x0, chunk_size=cfg.ref_chunk, return_stats=True)
+        stats["fallback"] = pm["fallback"]
+        stats["ess"] = pm["ess"]
+        return sct_target_point(x_t, t, r, x0, eps, x0_hat)
+
+
+def build_loss(cfg: LossConfig):
+    """The loss object for ``cfg.task``: 'edm' -> EDMLoss, 'ect' -> ECTLoss, 'sct' -> SCTLoss."""
+    classes = {"edm": EDMLoss, "ect": ECTLoss, "sct": SCTLoss}
+    if cfg.task not in classes:
+        raise ValueError(f"unknown loss task {cfg.task!r}; valid: {', '.join(TASKS)}")
+    return classes[cfg.task](cfg)

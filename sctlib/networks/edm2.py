@@ -30,7 +30,8 @@ def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
     """Scale each slice along ``dim`` (default: all but dim 0) to unit RMS: x / (eps + rms(x)) (EDM2 Eq. 81)."""
     if dim is None:
         dim = list(range(1, x.ndim))
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    # the norm accumulates in fp32 at least (bf16 / fp16 inputs), in fp64 for fp64 inputs
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
     # ||x|| / sqrt(n) = rms over the reduced dims; eps keeps zero rows finite.
     norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
     return x / norm.to(x.dtype)
@@ -92,7 +93,8 @@ class MPConv(nn.Module):
     The effective weight is normalize(weight) * gain / sqrt(fan_in). *Forced* weight normalisation also
     writes normalize(weight) back into the parameter, but only when ``self.training`` and gradients are
     enabled: the ECT/SCT target pass runs under ``torch.no_grad()`` and must see (and leave) exactly the
-    weights the student pass used (ECT ImageNet's ``disable_forced_wn``).
+    weights the student pass used (ECT ImageNet's ``disable_forced_wn``). NOTE: normalize() is not exactly
+    idempotent (eps = 1e-4), so a second renormalisation would shift the target by ~1e-4 relative.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int] = ()):
@@ -101,11 +103,13 @@ class MPConv(nn.Module):
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
 
     def forward(self, x: torch.Tensor, gain=1.0) -> torch.Tensor:
-        w = self.weight.to(torch.float32)
+        wdtype = torch.promote_types(self.weight.dtype, torch.float32)
         if self.training and torch.is_grad_enabled():
             with torch.no_grad():
-                self.weight.copy_(normalize(w))
-        w = normalize(w)
+                self.weight.copy_(normalize(self.weight.to(wdtype)))
+        # Read the weight *after* the in-place update (as EDM2 does through aliasing): a later no-grad
+        # pass then computes exactly the same effective weight as this one.
+        w = normalize(self.weight.to(wdtype))
         w = w * (gain / math.sqrt(w[0].numel()))
         w = w.to(x.dtype)
         if w.ndim == 2:

@@ -144,9 +144,11 @@ class ECTLoss:
         """s_m(t), the lower edge of t's phase; None for a single phase (s_0 = 0, f = D)."""
         if len(self.edges) == 1:
             return None
-        e = torch.tensor(self.edges, dtype=t.dtype, device=t.device)
-        idx = torch.searchsorted(e, t.contiguous(), right=True) - 1
-        return e[idx.clamp(min=0)]
+        # Python-scalar where's instead of a tensor of edges: no host-to-device copy per step.
+        s = torch.zeros_like(t)
+        for e in self.edges[1:]:
+            s = torch.where(t >= e, e, s)
+        return s
 
     @staticmethod
     def _phased(x: torch.Tensor, t: torch.Tensor, s: Optional[torch.Tensor], D_out: torch.Tensor) -> torch.Tensor:

@@ -106,8 +106,11 @@ def mapping_r(
     t = torch.as_tensor(t)
     if not t.is_floating_point():
         t = t.to(torch.float32)
-    a = torch.as_tensor(a, dtype=t.dtype, device=t.device)
-    decay = torch.as_tensor(q, dtype=t.dtype, device=t.device).pow(-a)  # q^{-a}
+    # q^{-a}: a Python number stays one (a tensor made from it would be a blocking host-to-device copy)
+    if isinstance(a, torch.Tensor):
+        decay = torch.as_tensor(float(q), dtype=t.dtype, device=t.device).pow(-a.to(t.dtype))
+    else:
+        decay = float(q) ** (-float(a))
     n_t = 1 + k * torch.sigmoid(-b * t) if mapping == "sigmoid" else torch.ones_like(t)
     r = (t * (1 - decay * n_t)).clamp(min=0)
     below_t = torch.nextafter(t, torch.zeros_like(t))

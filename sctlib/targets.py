@@ -115,8 +115,7 @@ def posterior_mean(
         if c.shape[0] != B or rc.shape[0] != n:
             raise ValueError(f"labels must have {B} rows and ref_labels {n}, got {c.shape[0]} and {rc.shape[0]}")
 
-    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=x.device)
-    m = neg_inf.expand(B).clone()                  # running max of the logits
+    m = torch.full((B,), float("-inf"), dtype=dtype, device=x.device)  # running max of the logits
     s1 = torch.zeros(B, dtype=dtype, device=x.device)  # sum exp(l - m)
     s2 = torch.zeros(B, dtype=dtype, device=x.device)  # sum exp(2 (l - m)), for the ESS
     acc = torch.zeros_like(x)                      # sum exp(l - m) ref

@@ -347,3 +347,27 @@ def test_sct_bank_state_resumes_exactly():
     lf, sf = run(fresh, net, data(seed=99), labels, nimg=0, seed=7)
     assert not torch.equal(sf["ess"], sa["ess"])
     assert ECTLoss(cfg()).state_dict() == {}
+
+
+@pytest.mark.parametrize("task,source", [("ect", "batch"), ("sct", "batch"), ("sct", "bank")])
+def test_no_host_sync_in_consistency_losses(task, source, monkeypatch):
+    """CPU proxy for "no host sync": every Python-level tensor -> host conversion raises inside the loss."""
+    config = cfg(task=task, ref_source=source, ref_size=32, edges=(0.0, 0.7))
+    loss_fn = build_loss(config)
+    net = make_net(p=0.3, label_dim=3)
+    labels = torch.eye(3)[torch.arange(B) % 3]  # one-hot rows: Precond range-checks integer labels on the host
+    x0 = data()
+
+    def forbidden(*_, **__):
+        raise AssertionError("host sync inside the loss")
+
+    with monkeypatch.context() as m:
+        for name in ("__bool__", "item", "__int__", "__float__", "__index__", "tolist"):
+            m.setattr(torch.Tensor, name, forbidden)
+        loss, st = run(loss_fn, net, x0, labels, nimg=0)
+    # and the guard does catch a sync
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "__bool__", forbidden)
+        with pytest.raises(AssertionError, match="host sync"):
+            bool(loss.sum() > 0)
+    assert bool(torch.isfinite(loss).all())

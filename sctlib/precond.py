@@ -122,11 +122,14 @@ class Precond(nn.Module):
             return None
         if labels is None:
             raise ValueError(f"this model is class-conditional (label_dim={self.label_dim}); pass labels")
-        labels = torch.as_tensor(labels, device=x.device)
+        labels = torch.as_tensor(labels)
         if labels.ndim == 1 and not labels.is_floating_point():
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.label_dim):
+            # Range-check only host tensors: on a GPU the check would be a host sync every step.
+            if labels.device.type == "cpu" and labels.numel() and (
+                    int(labels.min()) < 0 or int(labels.max()) >= self.label_dim):
                 raise ValueError(f"class labels must lie in [0, {self.label_dim}), got {labels.min()}..{labels.max()}")
-            return nn.functional.one_hot(labels.long(), self.label_dim).to(torch.float32)
+            return nn.functional.one_hot(labels.to(x.device).long(), self.label_dim).to(torch.float32)
+        labels = labels.to(x.device)
         if labels.ndim != 2 or labels.shape[1] != self.label_dim:
             raise ValueError(f"label rows must have shape [B, {self.label_dim}], got {tuple(labels.shape)}")
         return labels.to(torch.float32)

@@ -313,6 +313,14 @@ def test_malicious_pickle_is_refused_and_nothing_runs(fakes, tmp_path, kind):
     assert not victim.exists()
 
 
+def test_malicious_training_state_pt_is_refused(fakes, tmp_path):
+    victim = tmp_path / "PWNED"
+    torch.save({"net": _Evil(os.system, f"touch {victim}"), "optimizer_state": {}}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafePickleError, match="system"):
+        load_edm_pickle(tmp_path / "evil.pt")
+    assert not victim.exists()
+
+
 def test_unknown_class_is_named(fakes, tmp_path, monkeypatch):
     mod = types.ModuleType("training.networks")
 

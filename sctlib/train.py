@@ -189,6 +189,23 @@ def _git_sha() -> Optional[str]:
         return None
 
 
+class _StepBatches(torch.utils.data.Sampler):
+    """Index lists of one rank's micro-batches, step after step, from a starting image count."""
+
+    def __init__(self, trainer: "Trainer", start_nimg: int):
+        self.stream, self.start = trainer.stream, start_nimg
+        self.B, self.rank, self.per_rank, self.bg = (trainer.cfg.batch_size, trainer.rank, trainer.per_rank,
+                                                     trainer.batch_gpu)
+
+    def __iter__(self):
+        nimg = self.start
+        while True:
+            mine = self.stream.indices(nimg, self.B)[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+            for j in range(0, self.per_rank, self.bg):
+                yield mine[j:j + self.bg].tolist()
+            nimg += self.B
+
+
 # ------------------------------------------------------------------------------------------------
 # The trainer.
 
@@ -196,7 +213,7 @@ class Trainer:
     """Holds the state of one run; :meth:`run` trains to ``cfg.total_nimg`` (resuming if possible)."""
 
     def __init__(self, cfg: TrainConfig, run_dir, *, progress: bool = True,
-                 eval_fn: Optional[Callable[[nn.Module, int], dict]] = None):
+                 eval_fn: Optional[Callable[[nn.Module, int], dict]] = None, dataset=None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress = progress
@@ -207,8 +224,10 @@ class Trainer:
         self._check_config()
 
         # Data.
-        self.dataset = data_mod.load_dataset(cfg.dataset, path=cfg.data_path, resolution=cfg.data_resolution,
-                                             cond=cfg.cond, seed=cfg.seed)
+        # A dataset object may be passed directly (a torch Dataset with label_dim, shape and optionally
+        # tensors()); cfg.dataset then only names it in the records.
+        self.dataset = dataset if dataset is not None else data_mod.load_dataset(
+            cfg.dataset, path=cfg.data_path, resolution=cfg.data_resolution, cond=cfg.cond, seed=cfg.seed)
         if cfg.cond and self.dataset.label_dim == 0:
             raise ConfigError(f"cond=True but dataset {cfg.dataset!r} has no labels")
         self.in_memory = hasattr(self.dataset, "tensors")
@@ -216,6 +235,7 @@ class Trainer:
             X, y = self.dataset.tensors()
             self.X, self.y = X.to(self.device), y.to(self.device)
         self.stream = IndexStream(len(self.dataset), cfg.seed)
+        self._loader = None
 
         # Network, EMA, optimizer, loss.
         torch.manual_seed(seed_for(cfg.seed, 0xC0FFEE))  # initial weights
@@ -313,12 +333,21 @@ class Trainer:
                 sel_d = sel.to(self.device)
                 x0, y = self.X[sel_d], self.y[sel_d]
             else:
-                items = [self.dataset[int(i)] for i in sel]
-                x0 = torch.stack([it[0] for it in items]).to(self.device, non_blocking=True)
-                y = torch.as_tensor([it[1] for it in items], dtype=torch.int64, device=self.device)
+                if self._loader is None:
+                    self._loader = iter(self._make_loader())
+                x0, y = next(self._loader)
+                x0 = x0.to(self.device, non_blocking=True)
+                y = torch.as_tensor(y, dtype=torch.int64).to(self.device, non_blocking=True)
             if self.cfg.channels_last and x0.ndim == 4 and self.device.type == "cuda":
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             yield self.rank * self.per_rank + j, x0, (y if self.cfg.cond else None)
+
+    def _make_loader(self):
+        """A DataLoader whose batch sampler yields this rank's micro-batches from ``self.nimg`` on."""
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=_StepBatches(self, self.nimg), num_workers=self.cfg.workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            prefetch_factor=4 if self.cfg.workers > 0 else None)
 
     # -- stats ---------------------------------------------------------------------------------
     def _reset_tick(self) -> None:
@@ -456,6 +485,9 @@ class Trainer:
         d = self._ckpt_dir()
         if not d.is_dir():
             return False
+        if self.rank == 0:
+            for stale in d.glob(".ckpt-*.tmp"):  # left by a process killed while writing
+                stale.unlink(missing_ok=True)
         cands = sorted((p for p in d.iterdir() if CKPT_RE.match(p.name)), reverse=True)
         for path in cands:
             try:
@@ -571,7 +603,13 @@ class Trainer:
         t_start = time.time()
         last_line = None
         while self.nimg < cfg.total_nimg:
-            self.train_step()
+            try:
+                self.train_step()
+            except NonFiniteError:
+                self._write_tick(pbar)  # the log records the skipped steps before the run stops
+                if pbar is not None:
+                    pbar.close()
+                raise
             if pbar is not None:
                 pbar.update(cfg.batch_size)
             prev = self.nimg - cfg.batch_size
@@ -699,9 +737,13 @@ def _scatter_png(rows, path: Path, data: Optional[torch.Tensor]) -> None:
 
 
 def train(cfg: TrainConfig, run_dir, *, progress: bool = True,
-          eval_fn: Optional[Callable[[nn.Module, int], dict]] = None) -> dict:
-    """Train (or resume) one run into ``run_dir``; returns a summary dict."""
-    return Trainer(cfg, run_dir, progress=progress, eval_fn=eval_fn).run()
+          eval_fn: Optional[Callable[[nn.Module, int], dict]] = None, dataset=None) -> dict:
+    """Train (or resume) one run into ``run_dir``; returns a summary dict.
+
+    ``eval_fn(model, nimg) -> dict`` is called every ``cfg.eval.every_nimg`` images and at the end (results in
+    ``evals.jsonl``); ``dataset`` replaces the one named by ``cfg.dataset``.
+    """
+    return Trainer(cfg, run_dir, progress=progress, eval_fn=eval_fn, dataset=dataset).run()
 
 
 def load_run(run_dir, which: str = "final"):

@@ -1,0 +1,133 @@
+"""Training throughput of sctlib's real training step (Trainer.train_step), in images per second.
+
+Runs the configurations side by side in one process and prints a table with ratios against the
+baseline measured in the same run: ECT's own default numerics (fp32, TF32 off, no compile). The project
+goal (shared/reference/anchor-throughput.md): >= 2x the official ECT code's best row on the same GPU,
+i.e. >= 1,380 img/s for CIFAR-10 DDPM++ and >= 470 img/s for EDM2-S at 64x64, with SCT costing <= 5%
+over ECT.
+
+    python benchmarks/train_throughput.py --nets cifar10,imagenet64-s --steps 30 --warmup 10 --out bench.json
+    python benchmarks/train_throughput.py --tiny        # CPU plumbing check with small networks
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+import torch
+
+from sctlib import config as C
+from sctlib.train import Trainer
+
+VARIANTS = {
+    # name: (precision, tf32, channels_last, compile)
+    "fp32 (ECT default)": ("fp32", False, False, False),
+    "fp32+tf32": ("fp32", True, False, False),
+    "bf16": ("bf16", True, False, False),
+    "bf16+channels_last": ("bf16", True, True, False),
+    "bf16+cl+compile": ("bf16", True, True, True),
+}
+
+
+class Synthetic(torch.utils.data.Dataset):
+    """Random images held in memory (the benchmark measures the step, not the data pipeline)."""
+
+    def __init__(self, shape, n, label_dim, device):
+        g = torch.Generator().manual_seed(0)
+        self.X = (torch.rand((n, *shape), generator=g) * 2 - 1).to(device)
+        self.y = torch.randint(0, max(label_dim, 1), (n,), generator=g).to(device)
+        self.shape, self.label_dim = tuple(shape), label_dim
+
+    def __len__(self):
+        return len(self.X)
+
+    def tensors(self):
+        return self.X, self.y
+
+
+def bench(cfg, steps, warmup, device):
+    ds = Synthetic((cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution), 4 * cfg.batch_size,
+                   cfg.net.label_dim if cfg.cond else 0, device)
+    with tempfile.TemporaryDirectory() as d:
+        tr = Trainer(cfg, d, progress=False, dataset=ds)
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        t0 = time.time()
+        for _ in range(warmup):
+            tr.train_step()
+        sync()
+        warm_s = time.time() - t0
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        for _ in range(steps):
+            tr.train_step()
+        sync()
+        dt = time.time() - t0
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        loss = float(tr.acc["loss_sum"] / tr.acc["count"].clamp(min=1))
+    return {"img_per_s": steps * cfg.batch_size / dt, "s_per_step": dt / steps, "peak_gib": peak,
+            "warmup_s": warm_s, "mean_loss": loss, "skipped": tr.total_nonfinite}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nets", default="cifar10,imagenet64-s")
+    ap.add_argument("--tasks", default="ect,sct")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--tiny", action="store_true", help="small networks and batch, for a CPU check")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for net in args.nets.split(","):
+        for task in args.tasks.split(","):
+            base = C.get_preset(f"{net}-{task}")
+            base = replace(base, device=device, batch_size=args.batch, ema_halflife_nimg=base.ema_halflife_nimg,
+                           init="", tick_nimg=10**12, loss=replace(base.loss, double_nimg=3_200_000))
+            if args.tiny:
+                base = C.override(base, **{"net.model_channels": 32, "net.num_blocks": 1}, batch_size=8)
+            for vname in args.variants.split(","):
+                prec, tf32, cl, comp = VARIANTS[vname]
+                if device == "cpu" and prec != "fp32":
+                    continue
+                cfg = replace(base, precision=prec, tf32=tf32, channels_last=cl, compile=comp)
+                try:
+                    r = bench(cfg, args.steps, args.warmup, device)
+                except Exception as exc:  # noqa: BLE001 - report and go on with the other rows
+                    r = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                row = {"net": net, "task": task, "variant": vname, **r}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    # Ratios against the fp32 baseline of the same net and task, and SCT over ECT per variant.
+    print(f"\n{'net':14s} {'task':4s} {'variant':22s} {'img/s':>9s} {'x base':>7s} {'SCT/ECT':>8s} {'GiB':>6s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['net']:14s} {r['task']:4s} {r['variant']:22s} ERROR {r['error']}")
+            continue
+        base = next((b for b in rows if b["net"] == r["net"] and b["task"] == r["task"]
+                     and b["variant"] == "fp32 (ECT default)" and "error" not in b), None)
+        ect = next((b for b in rows if b["net"] == r["net"] and b["task"] == "ect"
+                    and b["variant"] == r["variant"] and "error" not in b), None)
+        r["x_baseline"] = r["img_per_s"] / base["img_per_s"] if base else None
+        r["sct_cost_over_ect"] = ect["img_per_s"] / r["img_per_s"] - 1 if (ect and r["task"] == "sct") else None
+        xb = f"{r['x_baseline']:.2f}" if r["x_baseline"] else "-"
+        so = f"{100 * r['sct_cost_over_ect']:+.1f}%" if r["sct_cost_over_ect"] is not None else "-"
+        print(f"{r['net']:14s} {r['task']:4s} {r['variant']:22s} {r['img_per_s']:9.1f} {xb:>7s} {so:>8s} "
+              f"{r['peak_gib']:6.1f}")
+    if args.out:
+        meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+                "steps": args.steps, "warmup": args.warmup, "batch": args.batch}
+        with open(args.out, "w") as fh:
+            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The trainer: CLI errors, exact resumption after SIGKILL (also during a checkpoint write),
+2 gloo processes == 1 process on the same global batch, and a short digits-sct run that improves."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sctlib import config as C
+from sctlib import train as T
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# A small digits run: 8x8 DDPM++ with 8 base channels, SCT with a memory bank (its state must resume too).
+TINY = ["device=cpu", "net.model_channels=8", "batch_size=32", "total_nimg=3072", "checkpoint_nimg=512",
+        "tick_nimg=512", "keep_checkpoints=3", "loss.double_nimg=1024", "loss.ref_size=128", "seed=3"]
+
+
+def _cli(run_dir, *extra, preset="digits-sct"):
+    return [sys.executable, "-m", "sctlib.train", "--preset", preset, "--run-dir", str(run_dir),
+            "--no-progress", *TINY, *extra]
+
+
+def _final(run_dir, name="final_net"):
+    return load_file(str(Path(run_dir) / f"{name}.safetensors"))
+
+
+def _assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol == 0.0:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+def test_cli_errors_are_clear(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sctlib.train", "--preset", "nope", "--run-dir", str(tmp_path)],
+                       capture_output=True, text=True, env=ENV)
+    assert r.returncode == 2 and "unknown preset 'nope'" in r.stderr and "digits-sct" in r.stderr
+    r = subprocess.run(_cli(tmp_path / "x", "loss.qq=3"), capture_output=True, text=True, env=ENV)
+    assert r.returncode == 2 and "unknown key" in r.stderr and "double_nimg" in r.stderr
+    r = subprocess.run(_cli(tmp_path / "x", "batch_size=30", "batch_gpu=7"), capture_output=True, text=True, env=ENV)
+    assert r.returncode == 2 and "batch_gpu" in r.stderr
+    r = subprocess.run(_cli(tmp_path / "x", "init=/does/not/exist.pkl"), capture_output=True, text=True, env=ENV)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_print_config_is_the_resolved_config():
+    r = subprocess.run([sys.executable, "-m", "sctlib.train", "--preset", "cifar10-sct", "--print-config",
+                        "loss.q=4"], capture_output=True, text=True, env=ENV, check=True)
+    d = json.loads(r.stdout)
+    assert d["loss"]["q"] == 4.0 and d["loss"]["task"] == "sct" and d["net"]["arch"] == "ddpmpp"
+
+
+def test_index_stream_is_a_function_of_position():
+    s = T.IndexStream(10, seed=1)
+    a = s.indices(0, 25)
+    b = torch.cat([T.IndexStream(10, seed=1).indices(0, 7), T.IndexStream(10, seed=1).indices(7, 18)])
+    assert torch.equal(a, b)
+    assert sorted(a[:10].tolist()) == list(range(10)) and sorted(a[10:20].tolist()) == list(range(10))
+    assert not torch.equal(a[:10], a[10:20])  # a new permutation each epoch
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_then_rerun_gives_identical_weights(tmp_path):
+    ref = tmp_path / "uninterrupted"
+    subprocess.run(_cli(ref), check=True, env=ENV, capture_output=True)
+    stats = [json.loads(l) for l in (ref / "stats.jsonl").read_text().splitlines()]
+    assert stats[-1]["nimg"] == 3072 and (ref / "config.json").exists()
+
+    run = tmp_path / "killed"
+    for delay in (0.4, 1.2):  # kill twice, at moments unrelated to the checkpoint period
+        p = subprocess.Popen(_cli(run), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline and not list((run / "checkpoints").glob("ckpt-*.safetensors")):
+            time.sleep(0.05)
+        time.sleep(delay)
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+        p.wait()
+    r = subprocess.run(_cli(run), env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stderr
+    _assert_same_weights(_final(ref), _final(run))
+    _assert_same_weights(_final(ref, "final"), _final(run, "final"))  # the EMA too
+
+
+@pytest.mark.slow
+def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    run = tmp_path / "run"
+    # Kill the process (SIGKILL) half-way through writing its 3rd checkpoint file.
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        import sctlib.checkpoints as ck
+        from sctlib import train
+        calls = {{"n": 0}}
+        real = ck.save_file
+        def dying_save_file(tensors, filename, metadata=None):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                real(tensors, filename, metadata=metadata)
+                size = os.path.getsize(filename)
+                with open(filename, "r+b") as fh:
+                    fh.truncate(size // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(tensors, filename, metadata=metadata)
+        ck.save_file = dying_save_file
+        sys.exit(train.main({_cli(run)[3:]!r}))
+    """)
+    p = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL
+    ckpts = sorted((run / "checkpoints").glob("ckpt-*.safetensors"))
+    assert [c.name for c in ckpts] == ["ckpt-000000000512.safetensors", "ckpt-000000001024.safetensors"]
+    assert list((run / "checkpoints").glob(".ckpt-*.tmp")), "the half-written temporary file should be left over"
+    tree = T.checkpoints.load_tree(str(ckpts[-1]))
+    assert tree["nimg"] == 1024
+    # Re-running resumes from 1024 and ends where an uninterrupted run ends.
+    r = subprocess.run(_cli(run), env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0 and "at 1024 images" in r.stderr, r.stderr
+    assert not list((run / "checkpoints").glob(".ckpt-*.tmp"))
+    ref = tmp_path / "ref"
+    subprocess.run(_cli(ref), check=True, env=ENV, capture_output=True)
+    _assert_same_weights(_final(ref), _final(run))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    common = ["--preset", "digits-ect", "--no-progress", *TINY, "total_nimg=1024"]
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, "-m", "sctlib.train", "--run-dir", str(one), *common, "batch_gpu=16"],
+                   check=True, env=ENV, capture_output=True)
+    two = tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "sctlib.train", "--run-dir", str(two), *common],
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg2 = json.loads((two / "config.json").read_text())
+    assert cfg2["world_size"] == 2
+    # Same draws (seeded by global position) and a mean over the global batch: equal up to the order of
+    # the floating-point reduction (all-reduce vs local accumulation). Measured max |diff| ~ 1e-7.
+    _assert_same_weights(_final(one), _final(two), atol=2e-5)
+    a, b = _final(one), _final(two)
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+    cfg = C.override(C.get_preset("toy2d-ect"), **C.parse_overrides(
+        ["device=cpu", "total_nimg=2560", "batch_size=256", "tick_nimg=256", "max_nonfinite_steps=3",
+         "optim.lr=1e30"]))
+    tr = T.Trainer(cfg, tmp_path, progress=False)
+    # Poison one parameter so that the gradients become non-finite on every step.
+    with torch.no_grad():
+        next(tr.net.parameters()).fill_(float("inf"))
+    before = {k: v.clone() for k, v in tr.net.state_dict().items()}
+    with pytest.raises(T.NonFiniteError, match=r"3 consecutive steps .* step 2"):
+        tr.run()
+    assert tr.total_nonfinite == 3
+    after = tr.net.state_dict()
+    for k in before:  # skipped steps change nothing (no silent zeroing, no update)
+        assert torch.equal(before[k], after[k]) or torch.isnan(after[k]).any() is False
+    lines = [json.loads(l) for l in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert sum(l["skipped_steps"] for l in lines) == 3
+
+
+@pytest.mark.slow
+def test_short_digits_sct_run_lowers_loss_and_metric(tmp_path):
+    from sctlib import evaluate, metrics
+    from sctlib.losses import build_loss
+
+    base = ["device=cpu", "net.model_channels=16", "seed=0"]
+    teacher = C.override(C.get_preset("digits-edm"), **C.parse_overrides(base + ["total_nimg=64000"]))
+    T.train(teacher, tmp_path / "teacher", progress=False)
+    cfg = C.override(C.get_preset("digits-sct"), **C.parse_overrides(
+        base + ["total_nimg=32000", "loss.double_nimg=16000", f"init={tmp_path / 'teacher'}"]))
+    T.train(cfg, tmp_path / "sct", progress=False)
+    init_model, _ = T.load_run(tmp_path / "teacher")
+    tuned, _ = T.load_run(tmp_path / "sct")
+    # Loss of both weights on the same batch and draws, at the end-of-run schedule point.
+    from sctlib.data import load_dataset
+
+    X, y = load_dataset("digits", cond=True).tensors()
+    loss_fn = build_loss(cfg.loss)
+
+    def loss_of(model):
+        model.train()
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return float(loss_fn(model, X[:512], y[:512], nimg=cfg.total_nimg)[0].mean())
+
+    l0, l1 = loss_of(init_model), loss_of(tuned)
+    init_model.eval(), tuned.eval()
+    fd0 = evaluate.evaluate_digits(init_model, num_samples=500, steps=(1,))["fd_1step"]
+    fd1 = evaluate.evaluate_digits(tuned, num_samples=500, steps=(1,))["fd_1step"]
+    print(f"loss {l0:.4g} -> {l1:.4g}; 1-step FD {fd0:.4g} -> {fd1:.4g}")
+    assert l1 < 0.9 * l0
+    assert fd1 < 0.7 * fd0

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import metrics, samplers
 
-__all__ = ["generate", "evaluate_digits", "evaluate_toy", "evaluate", "make_eval_fn"]
+__all__ = ["generate", "evaluate_digits", "evaluate_toy", "evaluate", "make_eval_fn", "seeded_generator", "fid_report"]
 
 
 @torch.no_grad()
@@ -123,3 +123,59 @@ def make_eval_fn(cfg, *, num_samples: int = 500, seed: int = 0, steps=(1, 2)):
             model.train(was)
 
     return eval_fn
+
+
+def seeded_generator(model: Callable, shape: Sequence[int], *, steps: int = 1, mid_t: Sequence[float] = (0.821,),
+                     t_max: float = 80.0, label_dim: int = 0, device=None, guide: Optional[Callable] = None,
+                     w: float = 1.0, sampler: str = "cm"):
+    """``generate(seeds) -> uint8 images``: image i comes from its own seed (EDM ``generate.py`` convention).
+
+    The seed fixes the latent, the class label (uniform over ``label_dim``) and any re-noising draw, so a
+    FID over seeds 0..N-1 is reproducible and a single image can be regenerated from its seed.
+    """
+    from .data import to_uint8
+
+    if isinstance(model, nn.Module):
+        device = device or next(model.parameters()).device
+    device = torch.device(device or "cpu")
+    f = model if guide is None else samplers.guided(model, guide, w)
+
+    @torch.no_grad()
+    def generate(seeds: torch.Tensor) -> torch.Tensor:
+        noise, labels = [], []
+        for s in seeds.tolist():
+            g = torch.Generator().manual_seed(int(s))
+            noise.append(torch.randn(tuple(shape), generator=g))
+            if label_dim:
+                labels.append(int(torch.randint(label_dim, (1,), generator=g)))
+        noise = torch.stack(noise).to(device)
+        lab = torch.as_tensor(labels, device=device) if label_dim else None
+        g = torch.Generator(device=device).manual_seed(int(seeds[0]) + 0x5A17)  # re-noising draws of this batch
+        if sampler == "heun":
+            x = samplers.sample_heun(f, noise, lab, num_steps=steps, sigma_max=t_max)
+        elif steps == 1:
+            x = samplers.sample_onestep(f, noise, lab, t_max=t_max, generator=g)
+        else:
+            x = samplers.sample_multistep(f, noise, lab, t_steps=(t_max, *mid_t[: steps - 1]), generator=g)
+        return to_uint8(x)
+
+    return generate
+
+
+def fid_report(model, cfg, ref_stats, *, num_images: Optional[int] = None, seeds: Sequence[int] = (0, 1, 2),
+               steps: Sequence[int] = (1, 2), weights_path=None, extractor=None, batch_size: int = 250,
+               guide=None, w: float = 1.0, device=None, progress: bool = True) -> dict:
+    """FID (mean, sd, min over seed sets) for 1- and multi-step sampling of a run's model.
+
+    ``cfg`` is the run's TrainConfig (image shape, labels, ``eval.mid_t``, ``eval.t_max``); ``ref_stats`` from
+    :func:`sctlib.metrics.inception_reference_stats` (or a path to an .npz with mu/sigma).
+    """
+    shape = (cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution)
+    out = {}
+    for k in steps:
+        gen = seeded_generator(model, shape, steps=k, mid_t=cfg.eval.mid_t, t_max=cfg.eval.t_max,
+                               label_dim=cfg.net.label_dim if cfg.cond else 0, device=device, guide=guide, w=w)
+        out[f"fid_{k}step"] = metrics.fid_multi_seed(gen, ref_stats, num_images=num_images or cfg.eval.num_samples,
+                                                     seeds=seeds, weights_path=weights_path, extractor=extractor,
+                                                     batch_size=batch_size, device=device, progress=progress)
+    return out

@@ -49,6 +49,8 @@ __all__ = [
     "seed_for",
     "IndexStream",
     "load_run",
+    "launch",
+    "resolve_config",
     "latest_checkpoint",
     "T_BIN_EDGES",
     "main",
@@ -744,6 +746,28 @@ def train(cfg: TrainConfig, run_dir, *, progress: bool = True,
     ``evals.jsonl``); ``dataset`` replaces the one named by ``cfg.dataset``.
     """
     return Trainer(cfg, run_dir, progress=progress, eval_fn=eval_fn, dataset=dataset).run()
+
+
+def launch(preset: str, run_dir, overrides=(), *, nproc: int = 1, progress: bool = True) -> dict:
+    """Run ``python -m sctlib.train`` for a preset: in this process (nproc=1) or under torchrun (nproc>1).
+
+    Pipelines use this so that one notebook drives a single- or multi-GPU run with the same arguments;
+    the resolved config is validated here first, so a typo fails before any process starts.
+    """
+    overrides = list(overrides)
+    cfg = resolve_config(preset, overrides)
+    if nproc <= 1:
+        return train(cfg, run_dir, progress=progress)
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "sctlib.train", "--preset", preset, "--run-dir", str(run_dir), *overrides]
+    if not progress:
+        cmd.insert(cmd.index("--preset"), "--no-progress")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun failed with exit code {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def load_run(run_dir, which: str = "final"):

@@ -5,13 +5,23 @@
     sct.train.train(cfg, "runs/digits-sct")
 
 Modules, one per concept (see DESIGN.md): precond, schedules, targets, losses, samplers, networks, ema,
-data, metrics, checkpoints, convert, config, train, evaluate, book.
+data, metrics, checkpoints, convert, config, train, evaluate, book. They are imported on first access
+(``sct.train``), so ``python -m sctlib.train`` does not import itself twice and ``import sctlib`` is cheap.
 """
-from . import config, precond, schedules, targets  # noqa: F401  (pure math and data first)
-from . import ema, losses, networks, samplers  # noqa: F401
-from . import checkpoints, convert, data  # noqa: F401
-from . import metrics, evaluate, train, book  # noqa: F401
+import importlib
 
 __version__ = "0.1.0"
 __all__ = ["config", "precond", "schedules", "targets", "ema", "losses", "networks", "samplers", "checkpoints",
            "convert", "data", "metrics", "evaluate", "train", "book"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'sctlib' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -245,6 +245,21 @@ def test_digits_extractor_registered_with_torch_fidelity(digits_cache):
     assert out["kernel_inception_distance_mean"] > 0
 
 
+def test_streaming_stats_equal_batch_stats_and_workers(digits_cache, tmp_path):
+    X, _ = digits_images(8)
+    ext = M.DigitsFeatures()
+    full = M.compute_stats(M.extract_features(X, ext, device="cpu"))
+    st = M.streaming_stats(X, ext, batch_size=100, device="cpu")  # 18 uneven batches
+    assert int(st["n"]) == 1797
+    assert np.allclose(st["mu"], full["mu"], rtol=1e-9, atol=1e-9)
+    assert np.allclose(st["sigma"], full["sigma"], rtol=1e-7, atol=1e-7 * np.abs(full["sigma"]).max())
+    # an EDM zip read by 2 DataLoader workers gives the same statistics as the in-memory uint8 images
+    zpath = write_edm_zip(tmp_path / "d.zip", X[:300])
+    a = M.streaming_stats(zpath, ext, batch_size=64, device="cpu", num_workers=2)
+    b = M.streaming_stats(to_uint8(X[:300]), ext, batch_size=64, device="cpu")
+    assert np.allclose(a["mu"], b["mu"], rtol=1e-12) and np.allclose(a["sigma"], b["sigma"], rtol=1e-10, atol=1e-10)
+
+
 def test_fid_multi_seed_with_a_generate_callable(digits_cache):
     """The FID-50k machinery, with the cheap digits extractor: disjoint seed sets, mean/sd/min."""
     X, _ = digits_images(8)

@@ -18,6 +18,7 @@ from .inception import (
     kid,
     load_reference_stats,
     resolve_inception_weights,
+    streaming_stats,
 )
 from .features import (
     DigitsClassifier,
@@ -33,7 +34,7 @@ from .toy import mode_coverage, sliced_wasserstein, toy_metrics, toy_nll
 __all__ = [
     "feature_stats", "frechet_distance", "frechet_distance_from_features", "kernel_distance",
     "INCEPTION_FILENAME", "INCEPTION_URL", "WEIGHTS_ENV", "InceptionFeatures", "InceptionWeightsMissing",
-    "resolve_inception_weights", "extract_features", "compute_stats", "load_reference_stats",
+    "resolve_inception_weights", "extract_features", "compute_stats", "streaming_stats", "load_reference_stats",
     "inception_reference_stats", "fid", "kid", "fid_multi_seed",
     "DigitsClassifier", "DigitsFeatures", "digits_classifier", "digits_split", "fd_digits", "class_accuracy",
     "register_with_torch_fidelity",

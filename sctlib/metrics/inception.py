@@ -36,6 +36,7 @@ __all__ = [
     "InceptionFeatures",
     "extract_features",
     "compute_stats",
+    "streaming_stats",
     "inception_reference_stats",
     "load_reference_stats",
     "fid",
@@ -158,8 +159,23 @@ def _ensure_extractor(extractor, weights_path, device) -> nn.Module:
 Source = Union[torch.Tensor, "torch.utils.data.Dataset", Callable[[torch.Tensor], torch.Tensor], str, os.PathLike]
 
 
-def _batches(source: Source, *, num_images: Optional[int], batch_size: int, seed_offset: int):
-    """Yield uint8 image batches [B, C, H, W] from a tensor, a data set, a zip path, or generate(seeds)."""
+class _Uint8View(torch.utils.data.Dataset):
+    """uint8 [C, H, W] items of a data set (exact zip pixels where available); picklable for workers."""
+
+    def __init__(self, ds, n: int):
+        self.ds, self.n = ds, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        get = getattr(self.ds, "image_uint8", None)  # EDM zips: exact uint8 pixels, no float round trip
+        return get(i) if get is not None else _as_uint8(self.ds[i][0][None])[0]
+
+
+def _batches(source: Source, *, num_images: Optional[int], batch_size: int, seed_offset: int, num_workers: int = 0):
+    """Yield uint8 image batches [B, C, H, W] from a tensor, a data set, a zip path, or generate(seeds).
+    ``num_workers`` > 0 decodes data-set images in DataLoader worker processes (e.g. 1.28M ImageNet PNGs)."""
     if isinstance(source, (str, os.PathLike)):
         from ..data.edmzip import EDMZipDataset
 
@@ -170,11 +186,12 @@ def _batches(source: Source, *, num_images: Optional[int], batch_size: int, seed
             yield _as_uint8(source[s : min(s + batch_size, n)])
     elif isinstance(source, torch.utils.data.Dataset):
         n = len(source) if num_images is None else min(num_images, len(source))
-        get = getattr(source, "image_uint8", None)  # EDM zips: exact uint8 pixels, no float round trip
-        for s in range(0, n, batch_size):
-            idx = range(s, min(s + batch_size, n))
-            imgs = [get(i) if get else source[i][0] for i in idx]
-            yield _as_uint8(torch.stack(imgs))
+        view = _Uint8View(source, n)
+        if num_workers > 0:
+            yield from torch.utils.data.DataLoader(view, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+        else:
+            for s in range(0, n, batch_size):
+                yield torch.stack([view[i] for i in range(s, min(s + batch_size, n))])
     elif callable(source):
         if num_images is None:
             raise ValueError("num_images is required when images come from a generate(seeds) callable")
@@ -191,11 +208,11 @@ def _batches(source: Source, *, num_images: Optional[int], batch_size: int, seed
 
 @torch.no_grad()
 def extract_features(source: Source, extractor: nn.Module, *, num_images: Optional[int] = None, batch_size: int = 250,
-                     seed_offset: int = 0, device=None, progress: bool = False) -> torch.Tensor:
+                     seed_offset: int = 0, device=None, num_workers: int = 0, progress: bool = False) -> torch.Tensor:
     """Features [N, F] (float32, CPU) of every image of ``source`` (see :func:`fid` for the kinds of source)."""
     device = _default_device(device)
     out = []
-    it = _batches(source, num_images=num_images, batch_size=batch_size, seed_offset=seed_offset)
+    it = _batches(source, num_images=num_images, batch_size=batch_size, seed_offset=seed_offset, num_workers=num_workers)
     if progress:
         from tqdm.auto import tqdm
 
@@ -205,6 +222,37 @@ def extract_features(source: Source, extractor: nn.Module, *, num_images: Option
     if not out:
         raise ValueError("no images to extract features from")
     return torch.cat(out)
+
+
+@torch.no_grad()
+def streaming_stats(source: Source, extractor: nn.Module, *, num_images: Optional[int] = None, batch_size: int = 250,
+                    seed_offset: int = 0, device=None, num_workers: int = 0, progress: bool = False) -> Dict[str, np.ndarray]:
+    """{'mu', 'sigma', 'n'} of the features of ``source`` without keeping the features: float64 running sums of
+    f and f f^T on the device (2048^2 doubles = 32 MB), so 1.28M ImageNet images need no 10 GB feature matrix.
+    sigma = (sum f f^T - n mu mu^T) / (n - 1), the unbiased covariance."""
+    device = _default_device(device)
+    n, s1, s2 = 0, None, None
+    it = _batches(source, num_images=num_images, batch_size=batch_size, seed_offset=seed_offset, num_workers=num_workers)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="features", unit="batch")
+    for imgs in it:
+        f = extractor(imgs.to(device)).double()
+        if not bool(torch.isfinite(f).all()):
+            raise ValueError("the feature extractor produced NaN or inf")
+        if s1 is None:
+            s1 = torch.zeros(f.shape[1], dtype=torch.float64, device=f.device)
+            s2 = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
+        n += f.shape[0]
+        s1 += f.sum(0)
+        s2 += f.T @ f
+    if n < 2:
+        raise ValueError(f"need at least 2 images for statistics, got {n}")
+    mu = s1 / n
+    sigma = (s2 - n * torch.outer(mu, mu)) / (n - 1)
+    sigma = (sigma + sigma.T) / 2
+    return {"mu": mu.cpu().numpy(), "sigma": sigma.cpu().numpy(), "n": np.int64(n)}
 
 
 def compute_stats(features: torch.Tensor, keep_features: bool = False) -> Dict[str, np.ndarray]:
@@ -257,13 +305,14 @@ def load_reference_stats(ref) -> Dict[str, np.ndarray]:
 def inception_reference_stats(dataset_or_zip, *, cache_dir: Optional[Union[str, os.PathLike]] = None,
                               weights_path: Optional[Union[str, os.PathLike]] = None, extractor: Optional[nn.Module] = None,
                               max_images: Optional[int] = None, keep_features: bool = False, batch_size: int = 250,
-                              device=None, progress: bool = True) -> Dict[str, np.ndarray]:
+                              device=None, num_workers: int = 0, progress: bool = True) -> Dict[str, np.ndarray]:
     """Reference statistics of a real data set, computed once and cached.
 
     ``dataset_or_zip``: an EDM zip path, an :class:`EDMZipDataset`, a data set with ``tensors()``, or a tensor.
     Cached at ``<cache_dir or $SCTLIB_CACHE/refs>/<extractor>-<dataset hash>-<n>.npz``; the hash covers the
     data's content (zip CRCs / tensor bytes), so an edited data set is never matched with stale statistics.
-    ``keep_features=True`` also stores the features (needed by :func:`kid`).
+    ``keep_features=True`` also stores the features (needed by :func:`kid`); otherwise the statistics are
+    accumulated on the fly (:func:`streaming_stats`). ``num_workers`` decodes images in worker processes.
     """
     device = _default_device(device)
     key = _dataset_key(dataset_or_zip)
@@ -277,8 +326,13 @@ def inception_reference_stats(dataset_or_zip, *, cache_dir: Optional[Union[str, 
             if not keep_features or "features" in stats:
                 return stats
     extractor = _ensure_extractor(extractor, weights_path, device)
-    feats = extract_features(dataset_or_zip, extractor, num_images=max_images, batch_size=batch_size, device=device, progress=progress)
-    stats = compute_stats(feats, keep_features=keep_features)
+    if keep_features:
+        feats = extract_features(dataset_or_zip, extractor, num_images=max_images, batch_size=batch_size, device=device,
+                                 num_workers=num_workers, progress=progress)
+        stats = compute_stats(feats, keep_features=True)
+    else:
+        stats = streaming_stats(dataset_or_zip, extractor, num_images=max_images, batch_size=batch_size, device=device,
+                                num_workers=num_workers, progress=progress)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp.npz")
@@ -300,9 +354,8 @@ def fid(images_or_generate: Source, ref_stats, *, weights_path=None, extractor: 
     ref = load_reference_stats(ref_stats)
     device = _default_device(device)
     extractor = _ensure_extractor(extractor, weights_path, device)
-    feats = extract_features(images_or_generate, extractor, num_images=num_images, batch_size=batch_size,
-                             seed_offset=seed_offset, device=device, progress=progress)
-    st = compute_stats(feats)
+    st = streaming_stats(images_or_generate, extractor, num_images=num_images, batch_size=batch_size,
+                         seed_offset=seed_offset, device=device, progress=progress)
     return frechet_distance(st["mu"], st["sigma"], ref["mu"], ref["sigma"])
 
 

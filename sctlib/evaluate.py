@@ -52,16 +52,19 @@ def generate(model: Callable, num: int, shape: Sequence[int], *, steps: int = 1,
 
 def evaluate_digits(model, *, num_samples: int = 1000, steps: Sequence[int] = (1, 2), mid_t=(0.821,),
                     t_max: float = 80.0, seed: int = 0, label_dim: int = 10, resolution: int = 8,
-                    sampler: str = "cm", guide=None, w: float = 1.0) -> dict:
-    """FD in the digits-classifier feature space and class accuracy, per number of steps."""
+                    sampler: str = "cm", guide=None, w: float = 1.0, layout: str = "resize") -> dict:
+    """FD in the digits-classifier feature space and class accuracy, per number of steps.
+
+    ``layout`` tells the classifier how the 8x8 digits were enlarged: 'resize' ('digits') or 'pad' ('digits-pad').
+    """
     out = {}
     for k in steps:
         x, y = generate(model, num_samples, (1, resolution, resolution), steps=k, mid_t=mid_t[: k - 1],
                         t_max=t_max, label_dim=label_dim, seed=seed, sampler=sampler, guide=guide, w=w)
         x = x.clamp(-1, 1)
-        out[f"fd_{k}step"] = float(metrics.fd_digits(x))
+        out[f"fd_{k}step"] = float(metrics.fd_digits(x, layout=layout))
         if y is not None:
-            out[f"acc_{k}step"] = float(metrics.class_accuracy(x, y))
+            out[f"acc_{k}step"] = float(metrics.class_accuracy(x, y, layout=layout))
     return out
 
 
@@ -91,11 +94,11 @@ def evaluate(model, cfg, *, num_samples: Optional[int] = None, seed: int = 0, st
     sampler = sampler or ("heun" if cfg.loss.task == "edm" else "cm")
     if sampler == "heun":
         steps = (18,)
-    if cfg.dataset == "digits":
+    if cfg.dataset in ("digits", "digits-pad"):
         res = cfg.data_resolution or 8
         return evaluate_digits(model, num_samples=n, steps=steps, mid_t=cfg.eval.mid_t, t_max=cfg.eval.t_max,
                                seed=seed, label_dim=cfg.net.label_dim if cfg.cond else 0, resolution=res,
-                               sampler=sampler)
+                               sampler=sampler, layout="pad" if cfg.dataset == "digits-pad" else "resize")
     if cfg.dataset.startswith("toy2d"):
         if dataset is None:
             from .data import load_dataset

@@ -311,24 +311,7 @@ def test_inception_weights_missing_says_where(tmp_path, monkeypatch):
         M.fid(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), {"mu": np.zeros(2048), "sigma": np.eye(2048)})
 
 
-@pytest.fixture(scope="module")
-def random_inception_weights(tmp_path_factory):
-    """A state dict with torch-fidelity's InceptionV3 layout and random values (He-normal convs, identity BN)."""
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
-
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
-         mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None):
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    g = torch.Generator().manual_seed(0)
-    sd = {}
-    for k, v in net.state_dict().items():
-        if k.endswith("conv.weight") or k == "fc.weight":
-            fan_in = v[0].numel()
-            v = torch.randn(v.shape, generator=g) * math.sqrt(2.0 / fan_in)
-        sd[k] = v.clone()
-    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    torch.save(sd, path)
-    return path
+# random_inception_weights: see tests/conftest.py
 
 
 @pytest.mark.slow  # ~5 s alone; measured 20 s on the 2-core machine under load (InceptionV3 at 299x299 on CPU)

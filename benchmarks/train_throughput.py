@@ -24,7 +24,7 @@ from sctlib import config as C
 from sctlib.train import Trainer
 
 VARIANTS = {
-    # name: (precision, tf32, channels_last, compile)
+    # name: (precision, tf32, channels_last, compile); cuDNN autotuning (cudnn_benchmark) is on in every row
     "fp32 (ECT default)": ("fp32", False, False, False),
     "fp32+tf32": ("fp32", True, False, False),
     "bf16": ("bf16", True, False, False),

@@ -115,6 +115,7 @@ class TrainConfig:
     device: str = "auto"                       # 'auto' | 'cpu' | 'cuda'
     precision: str = "auto"                    # 'auto' (bf16 on CUDA, fp32 on CPU) | 'fp32' | 'bf16' | 'fp16'
     tf32: bool = True                          # allow TF32 matmuls/convs on CUDA
+    cudnn_benchmark: bool = True               # let cuDNN pick the fastest conv algorithms (ECT's --bench)
     compile: bool = False                      # torch.compile the network
     channels_last: bool = False                # memory format on CUDA
     ema_halflife_nimg: int = 500_000           # traditional EMA half-life in images (0 = no EMA)

@@ -60,7 +60,7 @@ __all__ = [
 T_BIN_EDGES = tuple(float(x) for x in np.logspace(-3, 2, 11))
 # Keys that may change between a run and its resumption (they do not change the trajectory).
 RESUMABLE_KEYS = {"total_nimg", "checkpoint_nimg", "keep_checkpoints", "sample_nimg", "tick_nimg", "workers",
-                  "max_nonfinite_steps", "eval"}
+                  "max_nonfinite_steps", "eval", "device", "compile", "cudnn_benchmark", "channels_last"}
 CKPT_RE = re.compile(r"^ckpt-(\d{12})\.safetensors$")
 
 
@@ -248,6 +248,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
             torch.backends.cudnn.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
             if cfg.channels_last and cfg.net.arch != "mlp":
                 self.net = self.net.to(memory_format=torch.channels_last)
         self.ema = EMA(self.net, cfg.ema_halflife_nimg, cfg.ema_rampup_ratio) if cfg.ema_halflife_nimg > 0 else None
@@ -819,6 +820,10 @@ def main(argv=None) -> int:
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "last_tick"}))
+    if _is_dist():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 

@@ -44,36 +44,21 @@ paper = {"SCT fid_1step (abstract)": 2.42, "SCT fid_2step (abstract)": 1.55}  # 
 import json
 from pathlib import Path
 
-import torch
-
 import sctlib as sct
 
 sct.book.setup(0)
 root = sct.book.project_root()
 run_dir = Path(runs_dir or root / "runs") / (run_name or preset)
 # Relative paths are read from the repository root (the notebook itself runs in pipelines/).
-data_path = str(root / data_path) if data_path and not Path(data_path).is_absolute() else data_path
-init = str(root / init) if init and not Path(init).is_absolute() else init
-settings = [f"data_path={data_path}", f"init={init}", *overrides]
-cfg = sct.train.resolve_config(preset, settings)
-print(json.dumps(sct.config.to_dict(cfg), indent=1))
+abs_path = lambda p: str(root / p) if p and not Path(p).is_absolute() else p  # noqa: E731
+settings = [f"data_path={abs_path(data_path)}", f"init={abs_path(init)}", *overrides]
+print(json.dumps(sct.config.to_dict(sct.train.resolve_config(preset, settings)), indent=1))
 
 # %% [markdown]
-# ## Training
+# ## Training, then FID of the EMA model with 1 and 2 steps
 
 # %%
-summary = sct.train.launch(preset, run_dir, settings, nproc=nproc)
-print(summary)
-
-# %% [markdown]
-# ## FID of the EMA model with 1 and 2 steps
-
-# %%
-model, info = sct.train.load_run(run_dir)
-model = model.to("cuda" if torch.cuda.is_available() else "cpu")
-ref = sct.metrics.inception_reference_stats(data_path, weights_path=inception_weights or None)
-report = sct.evaluate.fid_report(model, cfg, ref, num_images=fid_images, seeds=fid_seeds, steps=steps,
-                                 weights_path=inception_weights or None)
-print(json.dumps(report, indent=1))
-sct.book.write_results(run_dir, report, paper=paper, extra={"preset": preset, "settings": settings,
-                                                            "train_summary": summary})
+record = sct.evaluate.train_and_report(preset, run_dir, settings, nproc=nproc, fid_images=fid_images,
+                                       fid_seeds=fid_seeds, steps=steps, inception_weights=inception_weights,
+                                       paper=paper)
+print(json.dumps(record["results"], indent=1))

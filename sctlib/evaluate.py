@@ -12,7 +12,8 @@ from torch import nn
 
 from . import metrics, samplers
 
-__all__ = ["generate", "evaluate_digits", "evaluate_toy", "evaluate", "make_eval_fn", "seeded_generator", "fid_report"]
+__all__ = ["generate", "evaluate_digits", "evaluate_toy", "evaluate", "make_eval_fn", "seeded_generator", "fid_report",
+           "train_and_report"]
 
 
 @torch.no_grad()
@@ -182,3 +183,31 @@ def fid_report(model, cfg, ref_stats, *, num_images: Optional[int] = None, seeds
                                                      seeds=seeds, weights_path=weights_path, extractor=extractor,
                                                      batch_size=batch_size, device=device, progress=progress)
     return out
+
+
+def train_and_report(preset: str, run_dir, settings: Sequence[str] = (), *, nproc: int = 1, fid_images: int = 50_000,
+                     fid_seeds: Sequence[int] = (0, 1, 2), steps: Sequence[int] = (1, 2), inception_weights=None,
+                     paper: Optional[dict] = None, progress: bool = True) -> dict:
+    """The paper-scale pipeline: train (or resume) a preset, then FID of its EMA model; writes results.json.
+
+    ``settings`` are ``key=value`` overrides (they must include ``data_path=``, the EDM zip that also gives
+    the FID reference statistics). Training runs under torchrun when ``nproc > 1``; evaluation runs in this
+    process on the first GPU (or the CPU). Returns the record written to ``run_dir/results.json``.
+    """
+    import json
+    from pathlib import Path
+
+    from . import book, train as train_mod
+
+    cfg = train_mod.resolve_config(preset, list(settings))
+    if not cfg.data_path:
+        raise ValueError("settings must name the dataset zip (data_path=...): it also gives the FID reference")
+    summary = train_mod.launch(preset, run_dir, list(settings), nproc=nproc, progress=progress)
+    model, _ = train_mod.load_run(run_dir)
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    ref = metrics.inception_reference_stats(cfg.data_path, weights_path=inception_weights or None, progress=progress)
+    report = fid_report(model, cfg, ref, num_images=fid_images, seeds=fid_seeds, steps=steps,
+                        weights_path=inception_weights or None, progress=progress)
+    book.write_results(run_dir, report, paper=paper,
+                       extra={"preset": preset, "settings": list(settings), "train_summary": summary})
+    return json.loads((Path(run_dir) / "results.json").read_text())

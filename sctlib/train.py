@@ -720,12 +720,14 @@ class Trainer:
 
 
 def _scatter_png(rows, path: Path, data: Optional[torch.Tensor]) -> None:
-    import matplotlib
+    # A bare Figure with its own Agg canvas: no pyplot, so the caller's backend (e.g. inline plots in a
+    # notebook) is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(rows) + (data is not None), figsize=(3.2 * (len(rows) + 1), 3.2))
+    fig = Figure(figsize=(3.2 * (len(rows) + 1), 3.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(rows) + (data is not None))
     panels = ([("data", data)] if data is not None else []) + list(rows)
     for ax, (title, x) in zip(np.atleast_1d(axes), panels):
         x = x.detach().float().cpu()
@@ -736,7 +738,6 @@ def _scatter_png(rows, path: Path, data: Optional[torch.Tensor]) -> None:
         ax.set_ylim(-2.5, 2.5)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def train(cfg: TrainConfig, run_dir, *, progress: bool = True,

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 __all__ = [
     "NetConfig",

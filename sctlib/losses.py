@@ -16,7 +16,7 @@ Nothing here synchronises with the host (no ``.item()``), so the losses are grap
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn

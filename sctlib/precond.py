@@ -18,7 +18,6 @@ Here ``sigma`` and ``t`` are the same quantity (VE process, sigma(t) = t).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence
 
 import torch

@@ -28,7 +28,6 @@ import platform
 import re
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, Optional
 

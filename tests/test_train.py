@@ -147,7 +147,6 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
     # Same draws (seeded by global position) and a mean over the global batch: equal up to the order of
     # the floating-point reduction (all-reduce vs local accumulation). Measured max |diff| ~ 1e-7.
     _assert_same_weights(_final(one), _final(two), atol=2e-5)
-    a, b = _final(one), _final(two)
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
@@ -171,7 +170,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
 
 @pytest.mark.slow
 def test_short_digits_sct_run_lowers_loss_and_metric(tmp_path):
-    from sctlib import evaluate, metrics
+    from sctlib import evaluate
     from sctlib.losses import build_loss
 
     base = ["device=cpu", "net.model_channels=16", "seed=0"]

@@ -2,7 +2,7 @@
 
 Runs the configurations side by side in one process and prints a table with ratios against the
 baseline measured in the same run: ECT's own default numerics (fp32, TF32 off, no compile). The project
-goal (shared/reference/anchor-throughput.md): >= 2x the official ECT code's best row on the same GPU,
+goal (issue 12): >= 2x the official ECT code's best row on the same GPU,
 i.e. >= 1,380 img/s for CIFAR-10 DDPM++ and >= 470 img/s for EDM2-S at 64x64, with SCT costing <= 5%
 over ECT.
 

@@ -2,8 +2,9 @@
 
 Pure data: this module imports no torch. Progress is counted in images seen (``*_nimg``); a change of
 batch size or GPU count therefore leaves the curriculum unchanged. Paper-scale values come from
-``shared/reference/ect-edm-code-facts.md`` Sec. 4 (the official ECT scripts); SCT-specific values are
-reconstructions (``sct-method.md`` Sec. 1.5-1.6) and are marked [RECON] beside the field.
+the official ECT scripts (github.com/locuslab/ect: ``run_ecm.sh`` for CIFAR-10, ``run_imgnet_ecm.sh`` on
+its ``imgnet`` branch); SCT-specific values are reconstructions of arXiv 2410.18958 Sec. 4 (see the book's
+page *The paper*) and are marked [RECON] beside the field.
 
 Overrides go through :func:`override` (``key=value`` strings from the CLI, dotted for nested configs,
 e.g. ``loss.q=4``) which validates names and types and lists the valid ones on error.

@@ -12,7 +12,8 @@ stops the load with :class:`UnsafePickleError` before anything is called.
 The state dict is then read off the stub tree (``_parameters``, persistent ``_buffers``, ``_modules``
 in order - the same keys and order as ``module.state_dict()``), the architecture is recovered from the
 tensor shapes plus the constructor kwargs that persistence records, and an sctlib network is built and
-loaded strictly. Formats (``shared/reference/ect-edm-code-facts.md`` Sec. 2.3, 3.3, 3.4):
+loaded strictly. Formats (as written by NVlabs/edm ``training/training_loop.py``, NVlabs/edm2
+``training/training_loop.py`` and locuslab/ect; ``torch_utils/persistence.py`` records the classes):
 
 * EDM ``network-snapshot-*.pkl`` (``EDMPrecond`` + ``SongUNet``): ``dict(ema=..., loss_fn=..., ...)``;
 * ECT CIFAR-10 snapshots (``ECMPrecond``) and ECT ``training-state-*.pt`` (``torch.save`` zip with

@@ -9,7 +9,7 @@ References
   so that f(x, sigma_min) = x exactly; it *trains* with the plain EDM coefficients.
 * Wang et al., "Phased Consistency Models" (PCM, 2024), Eq. 3, and SCT Sec. 4.3: the phased form
   f^m(x_t, t) = (s_m / t) x_t + (1 - s_m / t) D(x_t, t) for t in [s_m, s_{m+1}) (EDM/VE algebra of the
-  DDIM step; see ``shared/reference/sct-method.md`` Sec. 1.7, a reconstruction).
+  DDIM step; a reconstruction, see the book's page *The paper*).
 
 The protocols (see DESIGN.md):
 * denoiser ``D(x, sigma, labels=None) -> x0_hat``;

@@ -11,7 +11,8 @@ References
   x_hat_r = x_t - (t - r) eps_hat = (r/t) x_t + (1 - r/t) x0_hat. With a reference set holding only the
   own x0 this is exactly ECT's point ("CT is a special case of SCT with only one reference sample").
 
-See ``shared/reference/sct-method.md`` Sec. 1.6 for what is verified and what is reconstructed.
+The book's page *The paper* lists what is verified and what is reconstructed (SCT, arXiv 2410.18958,
+Sec. 4.1; Xu, Tong, Jaakkola, "Stable Target Field", ICLR 2023, Eq. 6-7).
 """
 from __future__ import annotations
 

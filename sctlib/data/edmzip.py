@@ -1,7 +1,7 @@
 """EDM's image data set format: a reader, a writer, and image helpers.
 
-The format (as written by EDM / EDM2 ``dataset_tool.py``; see ``shared/reference/ect-edm-code-facts.md``
-Sec. 2.2) is an uncompressed ZIP (ZIP_STORED) of uncompressed PNGs named
+The format (as written by EDM / EDM2 ``dataset_tool.py``, github.com/NVlabs/edm and
+NVlabs/edm2) is an uncompressed ZIP (ZIP_STORED) of uncompressed PNGs named
 ``{idx // 1000:05d}/img{idx:08d}.png`` plus ``dataset.json`` at the root holding
 ``{"labels": [["00000/img00000000.png", 6], ...]}`` or ``{"labels": null}``. Images are square,
 power-of-two sized, greyscale or RGB. Pixels map to [-1, 1] as uint8 / 127.5 - 1 (EDM training loop).

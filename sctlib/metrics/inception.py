@@ -2,7 +2,7 @@
 
 FID (Heusel et al. 2017) compares Gaussian fits of Inception features of generated and real images; EDM,
 ECT and SCT report FID-50k (50,000 generated images against the full training set). Facts this module
-follows (``shared/reference/ect-edm-code-facts.md`` Sec. 2.4, ``tooling.md``):
+follows (NVlabs/edm ``fid.py`` and ECT's ``metrics``; torch-fidelity 0.4 documentation):
 * generated images are quantised like EDM: (x * 127.5 + 128).clamp(0, 255).uint8 (:func:`sctlib.data.to_uint8`);
 * reference statistics are computed once per data set and cached, keyed by a content hash of the data set;
   our covariances are unbiased (N - 1), as in EDM's ``fid-refs/*.npz`` (ECT's on-the-fly refs use N);

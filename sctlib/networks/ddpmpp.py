@@ -9,7 +9,7 @@ References
 * Geng et al., "Consistency Models Made Easy" (ECT, 2024): tunes exactly this network (55.7M parameters).
 
 Parameter and buffer names, shapes and registration order are those of the published EDM / ECT
-checkpoints (``shared/reference/ect-edm-code-facts.md`` Sec. 3.1), so their weights load by name under
+checkpoints (NVlabs/edm ``training/networks.py``, ``SongUNet``), so their weights load by name under
 the ``model.`` prefix of :class:`sctlib.precond.Precond`.
 
 The raw network computes F(x_in, c_noise, class_labels) with ``x_in = c_in x`` and ``c_noise = ln(sigma)/4``.

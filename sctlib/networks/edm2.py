@@ -9,7 +9,7 @@ References
   resolutions <= ``dropout_res`` and no forced renormalisation in the no-grad target pass.
 
 State-dict keys, shapes and order match the published EDM2 / ECT-ImageNet checkpoints under the
-``unet.`` prefix (``shared/reference/ect-edm-code-facts.md`` Sec. 3.2): 200 entries, no biases, the
+``unet.`` prefix (NVlabs/edm2 ``training/networks_edm2.py``): 200 entries, no biases, the
 MPFourier ``freqs``/``phases`` are persistent buffers (random at init, so they must be loaded).
 """
 from __future__ import annotations

@@ -12,7 +12,8 @@ References
   own x0 this is exactly ECT's point ("CT is a special case of SCT with only one reference sample").
 
 The book's page *The paper* lists what is verified and what is reconstructed (SCT, arXiv 2410.18958,
-Sec. 4.1; Xu, Tong, Jaakkola, "Stable Target Field", ICLR 2023, Eq. 6-7).
+Sec. 4.1, Eq. 13-14; the estimator of Xu, Tong, Jaakkola, "Stable Target Field", ICLR 2023, as in
+github.com/Newbeeer/stf ``training/loss.py``).
 """
 from __future__ import annotations
 

@@ -65,12 +65,22 @@ class LossConfig:
     k: float = 8.0                             # sigmoid mapping: n(t) = 1 + k sigmoid(-b t)
     b: float = 1.0
     schedule: str = "staircase"                # 'staircase' (ECT) | 'smooth' (SCT, [RECON] continuous exponent)
+    # Where the smooth schedule ends. 'ect': a = max(1, nimg / double_nimg), equal to ECT's staircase at
+    # every stage END, so a run of total_nimg = S * double_nimg ends at ECT's final Delta t (2^-8 on
+    # CIFAR-10, 4^-4 on ImageNet-64). 'beyond': a = 1 + nimg / double_nimg, equal at every stage START,
+    # ending one stage past ECT (2^-9, 4^-5; the behaviour before 'smooth_end' existed). Default 'ect':
+    # an ECT-vs-SCT ablation then compares curricula with the same final Delta t, so switching the
+    # schedule alone (or the target alone) changes one ingredient, not the difficulty of the last stage.
+    smooth_end: str = "ect"
     double_nimg: int = 3_200_000               # images per stage ("double" = 250 ticks x 12.8 kimg in run_ecm.sh)
     c: float = 0.0                             # pseudo-Huber constant (0 = plain L2 norm)
     weighting: str = "inv_dt"                  # 'inv_dt' = 1/(t-r) | 'snrpk' = 1/t^2 + 1/sigma_data^2 | 'edm' | 'uniform'
     edges: Tuple[float, ...] = (0.0,)          # phase edges s_0 < s_1 < ...; (0,) = one phase [RECON for >1]
-    ref_source: str = "batch"                  # SCT reference set: 'batch' | 'all' (all ranks) | 'bank' (memory bank) [RECON]
-    ref_size: int = 0                          # memory-bank capacity in images (ref_source='bank')
+    # SCT reference set [RECON]: 'batch' | 'all' (all ranks) | 'bank' (memory bank) | 'dataset' (the whole
+    # training set, on the device as uint8, streamed in chunks; class-restricted for conditional models)
+    ref_source: str = "batch"
+    ref_size: int = 0                          # 'bank': capacity in images; 'dataset': fixed random subset (0 = all)
+    ref_per_class: int = 0                     # 'bank': class-balanced bank with this many images per class (0 = off)
     ref_conditional: bool = True               # restrict references to the sample's class when labels exist
     ref_chunk: int = 1024                      # references per chunk in the posterior-mean softmax
 

@@ -24,10 +24,10 @@ from torch import nn
 from sctlib.config import LossConfig
 from sctlib.networks.layers import record_dropout, replay_dropout
 from sctlib.precond import as_sigma
-from sctlib.schedules import (MAPPINGS, SCHEDULES, WEIGHTINGS, loss_weight, mapping_r, sample_t_lognormal,
-                              stage_exponent)
-from sctlib.targets import (REF_SOURCES, ReferenceBank, ect_target_point, gather_references, posterior_mean,
-                            sct_target_point)
+from sctlib.references import ReferenceSource, build_references
+from sctlib.schedules import (MAPPINGS, SCHEDULES, SMOOTH_ENDS, WEIGHTINGS, loss_weight, mapping_r,
+                              sample_t_lognormal, stage_exponent)
+from sctlib.targets import REF_SOURCES, ect_target_point, sct_target_point
 
 __all__ = ["EDMLoss", "ECTLoss", "SCTLoss", "build_loss", "TASKS"]
 
@@ -109,6 +109,8 @@ class ECTLoss:
             raise ValueError(f"unknown mapping {cfg.mapping!r}; valid: {', '.join(MAPPINGS)}")
         if cfg.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {cfg.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if cfg.smooth_end not in SMOOTH_ENDS:
+            raise ValueError(f"unknown loss.smooth_end {cfg.smooth_end!r}; valid: {', '.join(SMOOTH_ENDS)}")
         if not cfg.double_nimg > 0:
             raise ValueError(f"double_nimg must be > 0, got {cfg.double_nimg}")
         if not cfg.q > 1:
@@ -126,7 +128,7 @@ class ECTLoss:
     # -- schedule, for logs ---------------------------------------------------------------------
     def stage(self, nimg: float) -> float:
         """The exponent a of Delta t / t = q^{-a} n(t) (ECT staircase or SCT smooth)."""
-        return stage_exponent(nimg, self.cfg.double_nimg, self.cfg.schedule)
+        return stage_exponent(nimg, self.cfg.double_nimg, self.cfg.schedule, self.cfg.smooth_end)
 
     def ratio(self, nimg: float) -> float:
         """r / t for large t ('const' mapping): 1 - q^{-a} (ECT's logged 'ratio')."""
@@ -206,50 +208,55 @@ class ECTLoss:
 class SCTLoss(ECTLoss):
     """Stable Consistency Tuning loss (SCT Sec. 4.1 [RECON]): ECT with the variance-reduced target point.
 
-    x0_hat = posterior_mean(x_t, t, refs) over ``gather_references(x0, labels, cfg.ref_source)`` (class-
-    restricted if ``cfg.ref_conditional`` and labels are given; samples without a same-class reference
-    fall back to their own x0), then x_hat_r = sct_target_point(...). With a reference set holding only
-    the own x0 this reproduces ECT bit for bit. Stats add 'fallback' (count) and 'ess' [B].
+    x0_hat = the posterior-mean estimate of a :class:`~sctlib.references.ReferenceSource` (class-restricted
+    if ``cfg.ref_conditional`` and labels are given; the own x0 is always one of the references), then
+    x_hat_r = sct_target_point(...). With a reference set holding only the own x0 this reproduces ECT bit
+    for bit. ``references`` defaults to the source ``cfg.ref_source`` names ('dataset' must be passed in:
+    it needs the training set). Stats add 'fallback' (rows without any reference), 'ess' [B],
+    'own_weight' [B] and 'n_refs' [B].
     """
 
-    def __init__(self, cfg: LossConfig):
+    def __init__(self, cfg: LossConfig, references: Optional[ReferenceSource] = None):
         super().__init__(cfg)
         if cfg.ref_source not in REF_SOURCES:
             raise ValueError(f"unknown ref_source {cfg.ref_source!r}; valid: {', '.join(REF_SOURCES)}")
         if cfg.ref_chunk < 1:
             raise ValueError(f"ref_chunk must be >= 1, got {cfg.ref_chunk}")
-        self.bank: Optional[ReferenceBank] = None
-        if cfg.ref_source == "bank":
-            if cfg.ref_size < 1:
-                raise ValueError(f"ref_source='bank' needs ref_size >= 1 (bank capacity in images), got {cfg.ref_size}")
-            self.bank = ReferenceBank(cfg.ref_size)
+        if references is None and cfg.ref_source != "dataset":
+            references = build_references(cfg)
+        self.references = references
+
+    @property
+    def bank(self):
+        return getattr(self.references, "bank", None)
 
     def state_dict(self) -> dict:
-        return {} if self.bank is None else {"bank": self.bank.state_dict()}
+        return {} if self.references is None else self.references.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if self.bank is None:
+        if self.references is None:
             super().load_state_dict(state)
-        elif "bank" in state:
-            self.bank.load_state_dict(state["bank"])
         else:
-            raise ValueError("SCTLoss with a memory bank: the state has no 'bank' entry")
+            self.references.load_state_dict(state)
 
     def _target_point(self, x_t, t, r, x0, eps, labels, stats: Stats) -> torch.Tensor:
         cfg = self.cfg
+        if self.references is None:
+            raise ValueError("loss.ref_source='dataset' needs the training set: build the loss with "
+                             "build_loss(cfg, references=build_references(cfg, dataset=...)) (the trainer does)")
         use_labels = labels if (cfg.ref_conditional and labels is not None) else None
-        ref, ref_labels = gather_references(x0, labels, cfg.ref_source, self.bank)
-        x0_hat, pm = posterior_mean(x_t, t, ref, labels=use_labels,
-                                    ref_labels=ref_labels if use_labels is not None else None,
-                                    fallback=x0, chunk_size=cfg.ref_chunk, return_stats=True)
-        stats["fallback"] = pm["fallback"]
-        stats["ess"] = pm["ess"]
+        x0_hat, pm = self.references(x_t, t, x0, use_labels, chunk_size=cfg.ref_chunk)
+        for k in ("fallback", "ess", "own_weight", "n_refs"):
+            stats[k] = pm[k]
         return sct_target_point(x_t, t, r, x0, eps, x0_hat)
 
 
-def build_loss(cfg: LossConfig):
-    """The loss object for ``cfg.task``: 'edm' -> EDMLoss, 'ect' -> ECTLoss, 'sct' -> SCTLoss."""
+def build_loss(cfg: LossConfig, references: Optional[ReferenceSource] = None):
+    """The loss object for ``cfg.task``: 'edm' -> EDMLoss, 'ect' -> ECTLoss, 'sct' -> SCTLoss (``references``
+    replaces the reference source the config names; only SCT uses it)."""
     classes = {"edm": EDMLoss, "ect": ECTLoss, "sct": SCTLoss}
     if cfg.task not in classes:
         raise ValueError(f"unknown loss task {cfg.task!r}; valid: {', '.join(TASKS)}")
+    if cfg.task == "sct":
+        return SCTLoss(cfg, references)
     return classes[cfg.task](cfg)

@@ -23,6 +23,7 @@ import torch
 
 __all__ = [
     "SCHEDULES",
+    "SMOOTH_ENDS",
     "MAPPINGS",
     "WEIGHTINGS",
     "LR_SCHEDULES",
@@ -34,6 +35,7 @@ __all__ = [
     "lr_at",
 ]
 
+SMOOTH_ENDS = ("ect", "beyond")
 SCHEDULES = ("staircase", "smooth")
 MAPPINGS = ("sigmoid", "const")
 WEIGHTINGS = ("inv_dt", "snrpk", "edm", "uniform")
@@ -60,16 +62,19 @@ def sample_t_lognormal(
     return (P_mean + P_std * z).exp()
 
 
-def stage_exponent(nimg: float, double_nimg: float, schedule: str = "staircase") -> float:
+def stage_exponent(nimg: float, double_nimg: float, schedule: str = "staircase", smooth_end: str = "ect") -> float:
     """The exponent a of Delta t / t = q^{-a} n(t) after ``nimg`` training images.
 
     * ``'staircase'`` (ECT code): a = floor(nimg / double_nimg) + 1. ECT's exponent is stage + 1, so the
       pure-diffusion stage (a = 0, r = 0) is skipped when tuning from a pretrained model.
-    * ``'smooth'`` (SCT Sec. 4.2 [RECON]): a = 1 + nimg / double_nimg. It equals the staircase at every
-      stage start (nimg = s * double_nimg) and grows continuously in between, so Delta t shrinks
-      geometrically every step instead of jumping by a factor q at stage boundaries. Because
-      a_stair(s) <= a_smooth < a_stair(s) + 1 inside stage s,
-      Delta t_staircase(stage s) >= Delta t_smooth > Delta t_staircase(stage s + 1).
+    * ``'smooth'`` (SCT Sec. 4.2 [RECON]): a continuous exponent, so Delta t shrinks geometrically every
+      step instead of jumping by a factor q at stage boundaries. ``smooth_end`` fixes where it ends:
+
+      - ``'ect'``: a = max(1, nimg / double_nimg). It equals the staircase at every stage END
+        (nimg = (s + 1) * double_nimg) and a_stair(s) - 1 <= a_smooth <= a_stair(s) inside stage s, so a
+        run of S stages ends at ECT's final exponent S (the same final Delta t as ECT).
+      - ``'beyond'``: a = 1 + nimg / double_nimg. It equals the staircase at every stage START and
+        a_stair(s) <= a_smooth < a_stair(s) + 1 inside stage s, so it ends one stage past ECT.
     """
     if not double_nimg > 0:
         raise ValueError(f"double_nimg must be > 0 (images per stage), got {double_nimg}")
@@ -78,7 +83,11 @@ def stage_exponent(nimg: float, double_nimg: float, schedule: str = "staircase")
     if schedule == "staircase":
         return float(math.floor(nimg / double_nimg) + 1)
     if schedule == "smooth":
-        return 1.0 + float(nimg) / float(double_nimg)
+        if smooth_end == "ect":
+            return max(1.0, float(nimg) / float(double_nimg))
+        if smooth_end == "beyond":
+            return 1.0 + float(nimg) / float(double_nimg)
+        raise ValueError(f"unknown smooth_end {smooth_end!r}; valid: {', '.join(SMOOTH_ENDS)}")
     raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
 
 

@@ -26,12 +26,13 @@ __all__ = [
     "REF_SOURCES",
     "ect_target_point",
     "posterior_mean",
+    "own_weight",
     "sct_target_point",
     "ReferenceBank",
     "gather_references",
 ]
 
-REF_SOURCES = ("batch", "all", "bank")
+REF_SOURCES = ("batch", "all", "bank", "dataset")
 
 
 def _per_row(v, x: torch.Tensor) -> torch.Tensor:
@@ -78,6 +79,7 @@ def posterior_mean(
     chunk_size: int = 1024,
     return_stats: bool = False,
     logit_dtype: torch.dtype = torch.float64,
+    own: Optional[torch.Tensor] = None,
 ):
     """Self-normalised estimate of E[x0 | x_t] over a reference set (STF; SCT Sec. 4.1 Eq. 13/14 [RECON]).
 
@@ -98,9 +100,12 @@ def posterior_mean(
     weights. A float64 GEMM of B x n x d = 128 x 4096 x 12288 is ~13 GFLOP (well under a millisecond on
     Hopper's FP64 tensor cores). The weighted sum of the references runs in the input precision.
 
-    ``return_stats=True`` returns ``(x0_hat, {'fallback': int64 count, 'ess': [B]})``, where
-    ess = 1 / sum_i w_i^2 is the effective number of references (1 for fallback rows: their target is
-    the single-sample one). No gradients flow.
+    ``return_stats=True`` returns ``(x0_hat, {'fallback': int64 count, 'ess': [B], 'n_refs': [B]})``,
+    where ess = 1 / sum_i w_i^2 is the effective number of references (1 for fallback rows: their
+    target is the single-sample one) and n_refs the number of references each row may use (same class).
+    With ``own`` (each row's own clean image, which must be one of the references, as in training) the
+    stats add 'own_weight' [B], the softmax weight of the own image (1 for fallback rows). No gradients
+    flow.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -130,7 +135,10 @@ def posterior_mean(
     s1 = torch.zeros(B, dtype=ldt, device=x.device)  # sum exp(l - m)
     s2 = torch.zeros(B, dtype=ldt, device=x.device)  # sum exp(2 (l - m)), for the ESS
     acc = torch.zeros_like(x)                      # sum exp(l - m) ref
+    n_refs = torch.full((B,), float(n), dtype=ldt, device=x.device)
     with torch.autocast(device_type=x.device.type, enabled=False):
+        if cond:
+            n_refs = (c[:, None] == rc[None, :]).sum(dim=1).to(ldt)
         for start in range(0, n, chunk_size):
             Rc = R[start:start + chunk_size]
             Rl = Rc.to(ldt)
@@ -162,8 +170,27 @@ def posterior_mean(
     ess = torch.where(empty, torch.ones_like(s1), s1 * s1 / torch.where(empty, torch.ones_like(s2), s2))
     x0_hat = x0_hat.reshape(x_t.shape).to(x_t.dtype if x_t.is_floating_point() else dtype)
     if return_stats:
-        return x0_hat, {"fallback": n_fallback.to(torch.int64), "ess": ess}
+        stats = {"fallback": n_fallback.to(torch.int64), "ess": ess, "n_refs": n_refs}
+        if own is not None:
+            stats["own_weight"] = own_weight(xl, inv_t2, own, m, s1)
+        return x0_hat, stats
     return x0_hat
+
+
+def own_weight(xl: torch.Tensor, inv_t2: torch.Tensor, own: torch.Tensor, m: torch.Tensor,
+               s1: torch.Tensor) -> torch.Tensor:
+    """Softmax weight of each row's own image from the streamed (max m, sum s1) of a log-sum-exp pass.
+
+    The own logit (x.x0 - ||x0||^2 / 2) / t^2 is the one the pass computed for that reference, so the
+    weight is exp(l_own - m) / s1 (1 where a row had no reference: it falls back to its own image).
+    """
+    B = xl.shape[0]
+    o = own.detach().reshape(B, -1).to(device=xl.device, dtype=xl.dtype)
+    with torch.autocast(device_type=xl.device.type, enabled=False):
+        l_own = ((xl * o).sum(dim=1) - 0.5 * (o * o).sum(dim=1)) * inv_t2
+        empty = s1 == 0
+        w = (l_own - torch.where(empty, l_own, m)).exp() / torch.where(empty, torch.ones_like(s1), s1)
+    return torch.where(empty, torch.ones_like(w), w.clamp(max=1.0))
 
 
 def sct_target_point(x_t, t, r, x0, eps, x0_hat) -> torch.Tensor:

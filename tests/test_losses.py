@@ -316,8 +316,11 @@ def test_stage_ratio_and_build_loss():
     ect = build_loss(cfg())
     assert isinstance(ect, ECTLoss) and not isinstance(ect, SCTLoss)
     assert ect.stage(0) == 1.0 and ect.ratio(0) == 0.5 and ect.ratio(2 * DOUBLE) == 1 - 2.0**-3
-    smooth = build_loss(cfg(schedule="smooth"))
-    assert smooth.stage(500) == 1.5
+    smooth = build_loss(cfg(schedule="smooth"))  # smooth_end='ect' (default): a = max(1, nimg / double)
+    assert smooth.stage(500) == 1.0 and smooth.stage(2500) == 2.5 and smooth.stage(3 * DOUBLE) == 3.0
+    assert build_loss(cfg(schedule="smooth", smooth_end="beyond")).stage(500) == 1.5
+    with pytest.raises(ValueError, match="smooth_end"):
+        build_loss(cfg(schedule="smooth", smooth_end="late"))
     assert isinstance(build_loss(cfg(task="sct")), SCTLoss)
     assert isinstance(build_loss(cfg(task="edm")), EDMLoss)
     with pytest.raises(ValueError, match="edm, ect, sct"):

@@ -26,14 +26,25 @@ def test_stage_exponent_staircase_and_smooth():
     assert stage_exponent(999, d, "staircase") == 1.0
     assert stage_exponent(1000, d, "staircase") == 2.0
     assert stage_exponent(2500, d, "staircase") == 3.0
-    # smooth equals the staircase at every stage start and lies in [a_s, a_s + 1) in between
+    # smooth_end='beyond' equals the staircase at every stage start and lies in [a_s, a_s + 1) in between
     for s in range(6):
-        assert stage_exponent(s * d, d, "smooth") == stage_exponent(s * d, d, "staircase")
+        assert stage_exponent(s * d, d, "smooth", "beyond") == stage_exponent(s * d, d, "staircase")
+    for nimg in torch.linspace(0, 5999, 97).tolist():
+        a_st, a_sm = stage_exponent(nimg, d, "staircase"), stage_exponent(nimg, d, "smooth", "beyond")
+        assert a_st <= a_sm < a_st + 1
+    # smooth_end='ect' (the default) equals the staircase at every stage end and lies in [a_s - 1, a_s]:
+    # a run of S stages ends at ECT's final exponent S, 'beyond' at S + 1 (CIFAR-10: 2^-8 vs 2^-9)
+    for s in range(6):
+        assert stage_exponent((s + 1) * d, d, "smooth") == stage_exponent((s + 1) * d - 1, d, "staircase")
     for nimg in torch.linspace(0, 5999, 97).tolist():
         a_st, a_sm = stage_exponent(nimg, d, "staircase"), stage_exponent(nimg, d, "smooth")
-        assert a_st <= a_sm < a_st + 1
+        assert a_st - 1 <= a_sm <= a_st
+    total = 8 * d
+    assert stage_exponent(total, d, "smooth", "ect") == stage_exponent(total - 1, d, "staircase") == 8.0
+    assert stage_exponent(total, d, "smooth", "beyond") == 9.0
     # continuity of the smooth exponent: a tiny step in nimg gives a tiny change
-    assert abs(stage_exponent(1000.5, d, "smooth") - stage_exponent(999.5, d, "smooth")) < 2e-3
+    for end in ("ect", "beyond"):
+        assert abs(stage_exponent(1000.5, d, "smooth", end) - stage_exponent(999.5, d, "smooth", end)) < 2e-3
     # the staircase jumps by 1 at the boundary
     assert stage_exponent(1000, d, "staircase") - stage_exponent(999.9, d, "staircase") == 1.0
 
@@ -45,6 +56,8 @@ def test_stage_exponent_rejects_bad_input():
         stage_exponent(10, 100, "cosine")
     with pytest.raises(ValueError, match="nimg"):
         stage_exponent(-1, 100, "smooth")
+    with pytest.raises(ValueError, match="smooth_end"):
+        stage_exponent(10, 100, "smooth", "late")
 
 
 @pytest.mark.parametrize("mapping", ["sigmoid", "const"])
@@ -67,6 +80,12 @@ def test_mapping_r_matches_formula_and_zero_region():
     a, q, k, b = 1.0, 2.0, 8.0, 1.0
     expected = (t * (1 - q**-a * (1 + k * torch.sigmoid(-b * t)))).clamp(min=0)
     assert torch.allclose(mapping_r(t, a, q=q, k=k, b=b), expected, rtol=0, atol=1e-12)
+    # b enters through n(t) = 1 + k sigmoid(-b t): a b that is ignored (or used as 1) changes r
+    for b in (0.5, 2.0):
+        expected = (t * (1 - q**-2.0 * (1 + k * torch.sigmoid(-b * t)))).clamp(min=0)
+        got = mapping_r(t, 2.0, q=q, k=k, b=b)
+        assert torch.allclose(got, expected, rtol=0, atol=1e-12), b
+        assert not torch.allclose(got, mapping_r(t, 2.0, q=q, k=k, b=1.0))
     # ECT facts: stage 0 with q=2 gives r == 0 exactly for t <= ln 7 ~ 1.95, r > 0 above
     r = mapping_r(torch.tensor([1.9, 2.0]), 1.0, q=2.0)
     assert r[0].item() == 0.0 and r[1].item() > 0.0
@@ -84,7 +103,7 @@ def test_smooth_dt_between_consecutive_staircase_stages():
     t = torch.logspace(-2, 2, 50, dtype=torch.float64)
     for nimg in [0, 250, 500, 999, 1000, 1700, 2999]:
         s = nimg // d
-        dt_sm = t - mapping_r(t, stage_exponent(nimg, d, "smooth"), q=q, mapping="const")
+        dt_sm = t - mapping_r(t, stage_exponent(nimg, d, "smooth", "beyond"), q=q, mapping="const")
         dt_this = t - mapping_r(t, float(s + 1), q=q, mapping="const")
         dt_next = t - mapping_r(t, float(s + 2), q=q, mapping="const")
         assert bool((dt_sm <= dt_this * (1 + 1e-12)).all())

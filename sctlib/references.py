@@ -1,0 +1,360 @@
+"""Reference sources of SCT's variance-reduced target: where the references of E[x0 | x_t] come from.
+
+One interface (:class:`ReferenceSource`): ``source(x_t, t, x0, labels) -> (x0_hat, stats)`` returns the
+self-normalised estimate x0_hat = sum_i w_i ref_i, w = softmax_i(-||x_t - ref_i||^2 / (2 t^2)) (SCT
+Sec. 4.1, Eq. 13; Eq. 14 restricts the sum to the sample's class; the estimator of Xu, Tong, Jaakkola,
+"Stable Target Field", ICLR 2023) and per-row statistics: 'ess' (1 / sum_i w_i^2), 'own_weight' (the
+weight on the sample's own image), 'n_refs' (references the row may use), 'fallback' (rows without any).
+The own image is always one of the references, exactly once, as in STF. ``state_dict`` /
+``load_state_dict`` carry what a resumed run needs (a bank's contents; nothing for the others).
+
+* ``'batch'`` / ``'all'`` / ``'bank'`` - :class:`GatheredReferences`: the local batch, the batches of all
+  ranks, or the batch followed by a FIFO memory bank (:func:`sctlib.targets.gather_references`).
+  With ``ref_per_class > 0`` the bank is :class:`ClassBalancedBank` (that many recent images per class).
+* ``'dataset'`` - :class:`DatasetReferences`: the whole training set (or a fixed random subset of
+  ``ref_size`` images), held on the device as uint8 when the images are on the uint8 grid and streamed in
+  chunks; for a conditional model each sample sees only its own class, through a class-sorted copy with
+  offsets. STF's analysis (bias and variance of the estimate fall as the reference set grows) and SCT's
+  Fig. 4 ("stable target (all)" best) are the reason to use as many references as the device holds.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from sctlib.targets import REF_SOURCES, ReferenceBank, _class_index, _per_row, gather_references, posterior_mean
+
+__all__ = ["ReferenceSource", "GatheredReferences", "ClassBalancedBank", "DatasetReferences", "build_references",
+           "dataset_tensors"]
+
+Stats = dict
+
+
+class ReferenceSource:
+    """Interface: ``__call__(x_t, t, x0, labels) -> (x0_hat, stats)``; labels None = unconditional."""
+
+    kind = "?"
+
+    def __call__(self, x_t, t, x0, labels=None, *, chunk_size: int = 1024) -> Tuple[torch.Tensor, Stats]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"reference source {self.kind!r} has no state, got keys {sorted(state)}")
+
+
+class ClassBalancedBank:
+    """Memory bank with ``per_class`` slots per class (FIFO within each class): SCT Eq. 14 with a stated
+    number of same-class references, whatever the class frequencies in recent batches.
+
+    Slots are one [C, K, ...] buffer; the write position of a sample is its class pointer plus its rank
+    among the same-class samples of the batch (a cumulative sum, no host sync). ``tensors()`` returns all
+    C x K slots with label -1 on the empty ones, which therefore never match a class.
+    """
+
+    def __init__(self, num_classes: int, per_class: int):
+        if num_classes < 1 or per_class < 1:
+            raise ValueError(f"ClassBalancedBank needs num_classes >= 1 and per_class >= 1, got {num_classes}, {per_class}")
+        self.num_classes, self.per_class = int(num_classes), int(per_class)
+        self._data: Optional[torch.Tensor] = None
+        self._ptr: Optional[torch.Tensor] = None    # [C] next slot per class (mod K)
+        self._count: Optional[torch.Tensor] = None  # [C] filled slots per class
+
+    def __len__(self) -> int:
+        return 0 if self._count is None else int(self._count.sum())
+
+    @torch.no_grad()
+    def push(self, x0: torch.Tensor, labels: torch.Tensor) -> None:
+        C, K = self.num_classes, self.per_class
+        c = _class_index(labels).to(x0.device)
+        if self._data is None:
+            self._data = x0.new_zeros((C, K, *x0.shape[1:]))
+            self._ptr = torch.zeros(C, dtype=torch.int64, device=x0.device)
+            self._count = torch.zeros(C, dtype=torch.int64, device=x0.device)
+        if self._data.device != x0.device:
+            self._data, self._ptr, self._count = (v.to(x0.device) for v in (self._data, self._ptr, self._count))
+        onehot = torch.nn.functional.one_hot(c.clamp(0, C - 1), C)
+        rank = (onehot.cumsum(0) * onehot).sum(1) - 1            # position among same-class rows of the batch
+        n_c = onehot.sum(0)                                      # [C] rows per class in this batch
+        keep = (rank >= n_c[c] - K) & (c >= 0) & (c < C)         # only the newest K per class survive
+        slot = (self._ptr[c] + rank) % K
+        idx_c, idx_s = c[keep], slot[keep]
+        self._data[idx_c, idx_s] = x0.detach()[keep].to(self._data.dtype)
+        self._ptr = (self._ptr + n_c) % K
+        self._count = torch.minimum(self._count + n_c, torch.full_like(self._count, K))
+
+    def tensors(self):
+        if self._data is None:
+            return None, None
+        C, K = self.num_classes, self.per_class
+        lab = torch.arange(C, device=self._data.device).repeat_interleave(K)
+        filled = torch.arange(K, device=self._data.device)[None, :] < self._count[:, None]
+        lab = torch.where(filled.reshape(-1), lab, torch.full_like(lab, -1))
+        return self._data.reshape(C * K, *self._data.shape[2:]), lab
+
+    def state_dict(self) -> dict:
+        out = {"num_classes": self.num_classes, "per_class": self.per_class}
+        if self._data is not None:
+            out.update(data=self._data.clone(), ptr=self._ptr.clone(), count=self._count.clone())
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        if (int(state["num_classes"]), int(state["per_class"])) != (self.num_classes, self.per_class):
+            raise ValueError(f"class-balanced bank mismatch: checkpoint {state['num_classes']} classes x "
+                             f"{state['per_class']}, this bank {self.num_classes} x {self.per_class}")
+        self._data = state["data"].clone() if "data" in state else None
+        self._ptr = state["ptr"].clone() if "ptr" in state else None
+        self._count = state["count"].clone() if "count" in state else None
+
+
+class GatheredReferences(ReferenceSource):
+    """'batch', 'all' (all ranks) or 'bank': the reference set is gathered per step, own images first."""
+
+    def __init__(self, kind: str, *, ref_size: int = 0, ref_per_class: int = 0, num_classes: int = 0):
+        if kind not in ("batch", "all", "bank"):
+            raise ValueError(f"GatheredReferences: kind must be batch, all or bank, got {kind!r}")
+        self.kind = kind
+        self.bank = None
+        self.class_bank: Optional[ClassBalancedBank] = None
+        if kind == "bank":
+            if ref_per_class > 0:
+                if num_classes < 1:
+                    raise ValueError("loss.ref_per_class > 0 needs a labelled, class-conditional data set "
+                                     "(net.label_dim > 0)")
+                self.class_bank = ClassBalancedBank(num_classes, ref_per_class)
+            elif ref_size < 1:
+                raise ValueError(f"ref_source='bank' needs ref_size >= 1 (bank capacity in images) or "
+                                 f"ref_per_class >= 1, got ref_size={ref_size}")
+            else:
+                self.bank = ReferenceBank(ref_size)
+
+    def __call__(self, x_t, t, x0, labels=None, *, chunk_size: int = 1024):
+        if self.class_bank is not None:
+            if labels is None:
+                raise ValueError("loss.ref_per_class > 0 needs labels (train with cond=True)")
+            old, old_lab = self.class_bank.tensors()
+            lab = _class_index(labels).to(x0.device)
+            ref = x0.detach() if old is None else torch.cat([x0.detach(), old.to(x0.dtype)])
+            ref_labels = lab if old is None else torch.cat([lab, old_lab])
+            self.class_bank.push(x0, lab)
+        else:
+            ref, ref_labels = gather_references(x0, labels, self.kind, self.bank)
+        return posterior_mean(x_t, t, ref, labels=labels, ref_labels=None if labels is None else ref_labels,
+                              fallback=x0, chunk_size=chunk_size, return_stats=True, own=x0)
+
+    def state_dict(self) -> dict:
+        if self.bank is not None:
+            return {"bank": self.bank.state_dict()}
+        if self.class_bank is not None:
+            return {"class_bank": self.class_bank.state_dict()}
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.bank is None and self.class_bank is None:
+            return super().load_state_dict(state)
+        key = "bank" if self.bank is not None else "class_bank"
+        if key not in state:
+            raise ValueError(f"reference source 'bank': the checkpoint state has no {key!r} entry")
+        (self.bank if self.bank is not None else self.class_bank).load_state_dict(state[key])
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole training set.
+
+def dataset_tensors(dataset) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(images [N, ...], labels [N] or None) of a training set: in-memory sets via ``tensors()``, EDM zips
+    as uint8 (decoded once with ``preload``; x-flipped copies are not added: the own image is a
+    reference anyway)."""
+    if hasattr(dataset, "tensors"):
+        X, y = dataset.tensors()
+        return X, y
+    if hasattr(dataset, "image_uint8") and hasattr(dataset, "num_images"):
+        if hasattr(dataset, "preload") and getattr(dataset, "_preloaded", None) is None:
+            dataset.preload()
+        X = getattr(dataset, "_preloaded", None)
+        if X is None:
+            X = torch.stack([dataset.image_uint8(j) for j in range(dataset.num_images)])
+        return X, dataset.labels() if hasattr(dataset, "labels") else None
+    raise ValueError(f"ref_source='dataset' cannot read the images of {type(dataset).__name__}: it needs "
+                     "tensors() or an EDM zip data set")
+
+
+def _to_store(X: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+    """uint8 when every pixel lies on EDM's grid x = u / 127.5 - 1 (4x less memory), else float32."""
+    if X.dtype == torch.uint8:
+        return X, True
+    Xf = X.detach().float()
+    u = ((Xf + 1.0) * 127.5).round()
+    if bool(((u >= 0) & (u <= 255)).all()) and bool(((u / 127.5 - 1.0) - Xf).abs().max() <= 1e-6):
+        return u.to(torch.uint8), True
+    return Xf, False
+
+
+class DatasetReferences(ReferenceSource):
+    """References drawn from the whole training set (``ref_source='dataset'``).
+
+    The images live on the device as uint8 (CIFAR-10: 50,000 x 3,072 = 150 MB; ImageNet-64: 1.28 M x
+    12,288 = 15.7 GB) or float32 when they are not on the uint8 grid (digits, 2-D toys), sorted by class
+    with offsets [C + 1] for conditional models. Chunks are converted to float on the fly; the logits and
+    the log-sum-exp run in float64 (see :func:`sctlib.targets.posterior_mean` for why). ||ref||^2 is
+    computed once.
+
+    The own image enters explicitly, exactly once: a stored image within RMS ``dup_rms`` of the row's own
+    image counts as that image and is skipped (that also removes the quantised copy of the own image,
+    and makes x-flip augmentation or a subset of the data set harmless). Unconditional: one GEMM
+    [2B, d] x [d, chunk] per chunk (query x_t and own x0 share each read of the chunk). Conditional: per-row
+    windows of the class-sorted store, ``rows`` references of every row's class per step, as a batched
+    matrix-vector product; the number of steps is fixed by the largest class (no host sync).
+    """
+
+    kind = "dataset"
+
+    def __init__(self, X: torch.Tensor, labels: Optional[torch.Tensor] = None, *, ref_size: int = 0,
+                 seed: int = 0, device=None, dup_rms: float = 0.01, elements_per_chunk: int = 2**26):
+        if X.ndim < 2 or X.shape[0] < 1:
+            raise ValueError(f"DatasetReferences: need images [N, ...] with N >= 1, got shape {tuple(X.shape)}")
+        device = torch.device(device) if device is not None else X.device
+        n = X.shape[0]
+        if ref_size and ref_size < n:  # a fixed random subset, the same on every rank and after a resume
+            g = torch.Generator().manual_seed(int(seed) * 7919 + 0x5C7)
+            keep = torch.randperm(n, generator=g)[:ref_size].sort().values
+            X = X[keep.to(X.device)]
+            labels = None if labels is None else labels[keep.to(labels.device)]
+        store, self.is_uint8 = _to_store(X)
+        self.item_shape = tuple(X.shape[1:])
+        self.d = int(math.prod(self.item_shape))
+        store = store.reshape(store.shape[0], self.d)
+        self.labels_sorted = None
+        self.offsets = None
+        if labels is not None:
+            lab = _class_index(labels).cpu()
+            if bool((lab < 0).any()):
+                raise ValueError("DatasetReferences: the data set has unlabelled images (label -1)")
+            order = torch.argsort(lab, stable=True)
+            store = store[order.to(store.device)]
+            lab = lab[order]
+            C = int(lab.max()) + 1
+            counts = torch.bincount(lab, minlength=C)
+            self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(device)
+            self.max_class = int(counts.max())
+            self.num_classes = C
+            self.labels_sorted = lab.to(device)
+        self.store = store.to(device).contiguous()
+        # ||ref||^2 of the stored (dequantised) images, once, in float64.
+        sq = torch.empty(self.store.shape[0], dtype=torch.float64, device=device)
+        for s in range(0, self.store.shape[0], 4096):
+            r = self._deq(self.store[s:s + 4096], torch.float64)
+            sq[s:s + 4096] = (r * r).sum(1)
+        self.sq = sq
+        self.dup_d2 = float(dup_rms) ** 2 * self.d
+        self.elements_per_chunk = int(elements_per_chunk)
+
+    def __len__(self) -> int:
+        return self.store.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.store.numel() * self.store.element_size()
+
+    def _deq(self, R: torch.Tensor, dtype) -> torch.Tensor:
+        return R.to(dtype) / 127.5 - 1.0 if self.is_uint8 else R.to(dtype)
+
+    @torch.no_grad()
+    def __call__(self, x_t, t, x0, labels=None, *, chunk_size: int = 1024):
+        B = x_t.shape[0]
+        if tuple(x_t.shape[1:]) != self.item_shape:
+            raise ValueError(f"DatasetReferences holds images of shape {self.item_shape}, got {tuple(x_t.shape[1:])}")
+        dev = self.store.device
+        dtype = torch.promote_types(x_t.dtype, torch.float32)
+        ldt = torch.float64
+        x = x_t.detach().reshape(B, -1).to(device=dev, dtype=ldt)
+        o = x0.detach().reshape(B, -1).to(device=dev, dtype=ldt)
+        inv_t2 = 1.0 / _per_row(t, x_t).reshape(B).to(device=dev, dtype=ldt).clamp(min=1e-12) ** 2
+        o_sq = (o * o).sum(1)
+        with torch.autocast(device_type=dev.type, enabled=False):
+            # The own image first: logit l_own, weight 1 relative to itself.
+            l_own = ((x * o).sum(1) - 0.5 * o_sq) * inv_t2
+            m = l_own.clone()
+            s1 = torch.ones(B, dtype=ldt, device=dev)
+            s2 = torch.ones(B, dtype=ldt, device=dev)
+            acc = o.clone()
+            n_refs = torch.ones(B, dtype=ldt, device=dev)
+            cond = labels is not None
+            if cond and self.offsets is None:
+                raise ValueError("DatasetReferences was built without labels; the loss asked for class-conditional "
+                                 "references")
+            if not cond:
+                step = max(1, min(chunk_size, self.elements_per_chunk // max(self.d, 1)))
+                q = torch.cat([x, o])  # [2B, d]: one read of each chunk serves both products
+                for s in range(0, self.store.shape[0], step):
+                    R = self._deq(self.store[s:s + step], ldt)
+                    dots = q @ R.T                                        # [2B, n_c]
+                    sq = self.sq[s:s + step]
+                    logits = (dots[:B] - 0.5 * sq) * inv_t2[:, None]
+                    dup = (o_sq[:, None] - 2 * dots[B:] + sq) <= self.dup_d2  # the own image's stored copy
+                    logits = logits.masked_fill(dup, float("-inf"))
+                    n_refs += (~dup).sum(1)
+                    m, s1, s2, acc = _lse_update(m, s1, s2, acc, logits, lambda p: p @ R)
+            else:
+                c = _class_index(labels).to(dev)
+                lo, hi = self.offsets[c], self.offsets[c + 1]
+                rows = max(1, min(self.max_class, self.elements_per_chunk // max(B * self.d, 1)))
+                ar = torch.arange(rows, device=dev)
+                q = torch.stack([x, o], dim=1)  # [B, 2, d]
+                for j in range(0, self.max_class, rows):
+                    idx = lo[:, None] + j + ar[None, :]                   # [B, rows]
+                    valid = idx < hi[:, None]
+                    idx = torch.where(valid, idx, lo[:, None])
+                    R = self._deq(self.store[idx], ldt)                   # [B, rows, d]
+                    dots = torch.bmm(q, R.transpose(1, 2))                # [B, 2, rows]
+                    sq = self.sq[idx]
+                    logits = (dots[:, 0] - 0.5 * sq) * inv_t2[:, None]
+                    dup = (o_sq[:, None] - 2 * dots[:, 1] + sq) <= self.dup_d2
+                    ok = valid & ~dup
+                    logits = logits.masked_fill(~ok, float("-inf"))
+                    n_refs += ok.sum(1)
+                    m, s1, s2, acc = _lse_update(m, s1, s2, acc, logits,
+                                                 lambda p: torch.bmm(p[:, None, :], R)[:, 0])
+        x0_hat = (acc / s1[:, None]).to(dtype).reshape(x_t.shape).to(x_t.device)
+        ess = s1 * s1 / s2
+        w_own = ((l_own - m).exp() / s1).clamp(max=1.0)  # the own term of s1 is exp(l_own - m)
+        return x0_hat, {"fallback": torch.zeros((), dtype=torch.int64, device=dev), "ess": ess,
+                        "own_weight": w_own, "n_refs": n_refs}
+
+
+def _lse_update(m, s1, s2, acc, logits, weighted_sum):
+    """One streamed log-sum-exp step over a chunk of logits [B, n_c] (float64), -inf = excluded."""
+    m_new = torch.maximum(m, logits.max(dim=1).values)  # m is finite (the own logit), so m_new is too
+    scale = (m - m_new).exp()
+    p = (logits - m_new[:, None]).exp()
+    return m_new, s1 * scale + p.sum(1), s2 * scale * scale + (p * p).sum(1), \
+        acc * scale[:, None] + weighted_sum(p)
+
+
+def build_references(cfg, *, dataset=None, num_classes: int = 0, device=None, seed: int = 0) -> ReferenceSource:
+    """The reference source a :class:`~sctlib.config.LossConfig` names (``loss.ref_source``).
+
+    'dataset' needs the training set (``dataset``: a data set object or an (images, labels) pair); the
+    labels are kept only when ``num_classes > 0`` and ``cfg.ref_conditional`` (class-conditional model).
+    """
+    kind = cfg.ref_source
+    if kind not in REF_SOURCES:
+        raise ValueError(f"unknown loss.ref_source {kind!r}; valid: {', '.join(REF_SOURCES)}")
+    if cfg.ref_per_class < 0 or cfg.ref_size < 0:
+        raise ValueError(f"loss.ref_size and loss.ref_per_class must be >= 0, got {cfg.ref_size}, {cfg.ref_per_class}")
+    if cfg.ref_per_class and kind != "bank":
+        raise ValueError(f"loss.ref_per_class={cfg.ref_per_class} applies to ref_source='bank' only (got {kind!r})")
+    if kind != "dataset":
+        return GatheredReferences(kind, ref_size=cfg.ref_size, ref_per_class=cfg.ref_per_class,
+                                  num_classes=num_classes)
+    if dataset is None:
+        raise ValueError("loss.ref_source='dataset' needs the training set: build the loss with "
+                         "build_loss(cfg, references=build_references(cfg, dataset=...)) (the trainer does)")
+    X, y = dataset if isinstance(dataset, tuple) else dataset_tensors(dataset)
+    keep_labels = y is not None and num_classes > 0 and cfg.ref_conditional
+    return DatasetReferences(X, y if keep_labels else None, ref_size=cfg.ref_size, seed=seed, device=device)

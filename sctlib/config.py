@@ -104,6 +104,7 @@ class EvalConfig:
     num_samples: int = 1000                    # samples per evaluation
     metric: str = "auto"                       # 'auto' picks by dataset: 'fd_digits', 'toy', 'fid'
     every_nimg: int = 0                        # evaluation period in images (0 = only at the end)
+    eta: float = 0.0                           # edge skipping of phased models (SCT Sec. 4.4 [RECON]): 0 = stop at each edge
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,8 @@ class TrainConfig:
     phema_stds: Tuple[float, ...] = ()         # EDM2 power-function EMA sigma_rel values (ECT IN-64: 0.010, 0.050, 0.100)
     tick_nimg: int = 12_800                    # stats / progress period in images
     checkpoint_nimg: int = 0                   # checkpoint period in images (0 = only at the end)
-    keep_checkpoints: int = 2                  # last K checkpoints kept
+    keep_checkpoints: int = 2                  # last K checkpoints kept (snapshots/ is never pruned)
+    snapshot_fracs: Tuple[float, ...] = (0.25, 0.5, 0.75)  # EMA snapshots at these fractions of total_nimg (autoguidance)
     sample_nimg: int = 0                       # PNG sample-grid period in images (0 = start and end)
     max_nonfinite_steps: int = 10              # stop after this many consecutive non-finite steps
     workers: int = 0                           # DataLoader workers for real datasets

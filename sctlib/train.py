@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoints, config as config_mod, data as data_mod, samplers, schedules
+from . import checkpoints, config as config_mod, data as data_mod, schedules
 from .config import ConfigError, TrainConfig
 from .ema import EMA, PowerFunctionEMA
 from .losses import build_loss
@@ -59,6 +59,7 @@ __all__ = [
 T_BIN_EDGES = tuple(float(x) for x in np.logspace(-3, 2, 11))
 # Keys that may change between a run and its resumption (they do not change the trajectory).
 RESUMABLE_KEYS = {"total_nimg", "checkpoint_nimg", "keep_checkpoints", "sample_nimg", "tick_nimg", "workers",
+                  "snapshot_fracs",
                   "max_nonfinite_steps", "eval", "device", "compile", "cudnn_benchmark", "channels_last"}
 CKPT_RE = re.compile(r"^ckpt-(\d{12})\.safetensors$")
 
@@ -255,7 +256,7 @@ class Trainer:
         params = [p for p in self.net.parameters() if p.requires_grad]
         opt_cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[cfg.optim.name]
         self.opt = opt_cls(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-        self.loss_fn = build_loss(cfg.loss)
+        self.loss_fn = build_loss(cfg.loss, references=self._build_references())
         self.precision = self._precision()
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
 
@@ -277,6 +278,17 @@ class Trainer:
         self.batch_gpu = cfg.batch_gpu or self.per_rank
         self._reset_tick()
 
+    def _build_references(self):
+        """SCT's reference source from the config; 'dataset' gets this run's training set (on the device)."""
+        cfg = self.cfg
+        if cfg.loss.task != "sct":
+            return None
+        from .references import build_references
+
+        data = (self.X, self.y) if self.in_memory else self.dataset
+        return build_references(cfg.loss, dataset=data, num_classes=cfg.net.label_dim if cfg.cond else 0,
+                                device=self.device, seed=cfg.seed)
+
     # -- configuration -------------------------------------------------------------------------
     def _check_config(self) -> None:
         cfg = self.cfg
@@ -296,6 +308,8 @@ class Trainer:
             raise ConfigError("cond=True needs net.label_dim > 0")
         if not cfg.cond and cfg.net.label_dim > 0:
             raise ConfigError("net.label_dim > 0 needs cond=True (or set net.label_dim=0)")
+        if any(not 0.0 < f < 1.0 for f in cfg.snapshot_fracs):
+            raise ConfigError(f"snapshot_fracs must lie strictly between 0 and 1, got {tuple(cfg.snapshot_fracs)}")
 
     def _precision(self) -> str:
         p = self.cfg.precision
@@ -360,10 +374,15 @@ class Trainer:
             "loss_sq": torch.zeros((), dtype=torch.float64, device=dev),
             "count": torch.zeros((), dtype=torch.float64, device=dev),
             "nonfinite": torch.zeros((), dtype=torch.float64, device=dev),
-            "fallback": torch.zeros((), dtype=torch.float64, device=dev),
             "res_sum": torch.zeros(nb, dtype=torch.float64, device=dev),
             "res_sq": torch.zeros(nb, dtype=torch.float64, device=dev),
             "res_n": torch.zeros(nb, dtype=torch.float64, device=dev),
+            # SCT target diagnostics: sums over samples, overall and per t bin.
+            "sct_n": torch.zeros(nb, dtype=torch.float64, device=dev),
+            "sct_ess": torch.zeros(nb, dtype=torch.float64, device=dev),
+            "sct_mixed": torch.zeros(nb, dtype=torch.float64, device=dev),
+            "sct_own": torch.zeros(nb, dtype=torch.float64, device=dev),
+            "sct_no_other": torch.zeros((), dtype=torch.float64, device=dev),
         }
         self.tick_start_time = time.time()
         self.tick_start_nimg = self.nimg
@@ -377,11 +396,19 @@ class Trainer:
         a["loss_sq"] += torch.where(fin, l * l, 0).sum()
         a["count"] += fin.sum()
         a["nonfinite"] += (~fin).sum()
-        if "fallback" in stats:
-            a["fallback"] += torch.as_tensor(stats["fallback"], device=self.device).double().sum()
         if "residual" in stats and "t" in stats:
             edges = torch.as_tensor(T_BIN_EDGES, dtype=torch.float64, device=self.device)
             t = stats["t"].detach().double().reshape(-1)
+            if "ess" in stats and "own_weight" in stats:
+                # Per sample: ESS = 1 / sum_i w_i^2; 'mixed' = the own image holds < 99% of the weight.
+                bins = torch.bucketize(t, edges)
+                own = stats["own_weight"].detach().double().reshape(-1)
+                a["sct_n"].index_add_(0, bins, torch.ones_like(own))
+                a["sct_ess"].index_add_(0, bins, stats["ess"].detach().double().reshape(-1))
+                a["sct_mixed"].index_add_(0, bins, (own < 0.99).double())
+                a["sct_own"].index_add_(0, bins, own)
+                if "n_refs" in stats:  # no reference besides the own image: the target is ECT's
+                    a["sct_no_other"] += (stats["n_refs"].detach().reshape(-1) <= 1).double().sum()
             res = stats["residual"].detach().double().reshape(-1)
             ok = torch.isfinite(res)
             b = torch.bucketize(t, edges)
@@ -412,7 +439,6 @@ class Trainer:
             "stage_exponent": float(self.loss_fn.stage(self.nimg)) if hasattr(self.loss_fn, "stage") else None,
             "nonfinite_losses": int(vals["nonfinite"].item()),
             "skipped_steps": self.tick_skipped,
-            "sct_fallbacks": int(vals["fallback"].item()),
             # Per t-bin mean and variance of the squared residual ||target - f(x_t, t)||^2 / d.
             "t_bin_edges": list(T_BIN_EDGES),
             "residual_mean": [float(x) for x in res_mean],
@@ -420,6 +446,8 @@ class Trainer:
             "residual_count": [int(x) for x in vals["res_n"]],
             "time": time.time(),
         }
+        if self.cfg.loss.task == "sct":
+            line.update(_sct_fields(vals))
         if self.device.type == "cuda":
             line["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self.rank == 0:
@@ -474,6 +502,19 @@ class Trainer:
 
             dist.barrier()
         return path
+
+    def save_snapshot(self, frac: float) -> Optional[Path]:
+        """snapshots/ema-<frac>.safetensors (+ .json): the sampling model at a fraction of training, the
+        'bad' model of autoguidance. Kept apart from checkpoints/ so that keep_checkpoints never prunes it."""
+        if self.rank != 0:
+            return None
+        d = self.run_dir / "snapshots"
+        d.mkdir(parents=True, exist_ok=True)
+        meta = {"nimg": self.nimg, "frac": frac, "preset": self.cfg.name, "git_sha": _git_sha(),
+                "weights": "ema" if self.ema else "phema" if self.phema else "online",
+                "config": config_mod.to_dict(self.cfg)}
+        return checkpoints.save_model(str(d / f"ema-{frac:g}"), self.sample_model(),
+                                      net_config=config_mod.to_dict(self.cfg.net), meta=meta)
 
     def _prune(self, d: Path) -> None:
         found = sorted(p for p in d.iterdir() if CKPT_RE.match(p.name))
@@ -572,14 +613,14 @@ class Trainer:
         out_dir = self.run_dir / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{tag}.png"
-        t_max = self.cfg.eval.t_max
-        if self.cfg.loss.task == "edm":
-            x = samplers.sample_heun(model, noise, labels, num_steps=18, sigma_max=t_max)
-            rows = [("Heun 35 NFE", x)]
-        else:
-            x1 = samplers.sample_onestep(model, noise, labels, t_max=t_max)
-            x2 = samplers.sample_multistep(model, noise, labels, t_steps=(t_max, *self.cfg.eval.mid_t), generator=g)
-            rows = [("1 step", x1), (f"{1 + len(self.cfg.eval.mid_t)} steps", x2)]
+        from .evaluate import sampler_for
+
+        sample = sampler_for(self.cfg)  # Heun for a teacher, phased sampling for a phased model
+        rows = []
+        for k in sample.default_steps:
+            x = sample(model, noise, labels, steps=k, generator=g)
+            rows.append((f"Heun {2 * k - 1} NFE" if sample.kind == "heun" else f"{k} step{'s' * (k > 1)}"
+                         + (" (phased)" if sample.kind == "phased" else ""), x))
         if len(shape) > 1:
             data_mod.save_image_grid(torch.cat([r[1] for r in rows]), path, nrow=8)
         else:
@@ -623,6 +664,10 @@ class Trainer:
                 self._run_eval()
             if crossed(cfg.sample_nimg):
                 self.write_samples(f"{self.nimg:012d}")
+            for frac in cfg.snapshot_fracs:  # EMA snapshots for autoguidance (SCT Sec. 4.4): never pruned
+                at = int(round(frac * cfg.total_nimg))
+                if prev < at <= self.nimg:
+                    self.save_snapshot(frac)
             if crossed(cfg.checkpoint_nimg) or done:
                 self.save_checkpoint()
         if pbar is not None:
@@ -716,6 +761,21 @@ class Trainer:
             self.write_samples("final")
         return {"nimg": self.nimg, "steps": self.step, "wall_s": wall_s, "skipped_steps": self.total_nonfinite,
                 "last_tick": last_line, "run_dir": str(self.run_dir)}
+
+
+def _sct_fields(vals: dict) -> dict:
+    """stats.jsonl fields of SCT's target diagnostics from the tick sums (per t bin and overall)."""
+    n_b = vals["sct_n"]
+    n = max(float(n_b.sum()), 1.0)
+    per_bin = lambda k: [float(v) / c if c > 0 else None for v, c in zip(vals[k], n_b)]  # noqa: E731
+    return {
+        "sct_ess_mean": float(vals["sct_ess"].sum()) / n,
+        "sct_frac_mixed": float(vals["sct_mixed"].sum()) / n,
+        "sct_own_weight_mean": float(vals["sct_own"].sum()) / n,
+        "sct_no_other_ref": float(vals["sct_no_other"]) / n,  # fraction whose reference set is their own image
+        "sct_ess_bins": per_bin("sct_ess"),
+        "sct_frac_mixed_bins": per_bin("sct_mixed"),
+    }
 
 
 def _scatter_png(rows, path: Path, data: Optional[torch.Tensor]) -> None:

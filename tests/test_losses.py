@@ -374,3 +374,67 @@ def test_no_host_sync_in_consistency_losses(task, source, monkeypatch):
         with pytest.raises(AssertionError, match="host sync"):
             bool(loss.sum() > 0)
     assert bool(torch.isfinite(loss).all())
+
+
+# ------------------------------------------------------------------------------------------------
+# SCT against an independent computation (float64 softmax over a real reference set)
+
+def independent_sct(net, x0, labels, *, config, nimg, seed=123):
+    """SCT written from the formulas (SCT Sec. 4.1, Eq. 13/14 [RECON]), with the loss's draws:
+    w_i = softmax_i(-||x_t - x0_i||^2 / (2 t^2)) over the same-class batch images (float64),
+    x0_hat = sum_i w_i x0_i, x_hat_r = (r/t) x_t + (1 - r/t) x0_hat, target sg(D(x_hat_r, r)) (x_hat_r
+    itself where r == 0), loss = ||D(x_t, t) - target|| / (t - r). Returns (loss, x_hat_r, ess, D_t)."""
+    torch.manual_seed(seed)
+    t = sample_t_lognormal(B, config.P_mean, config.P_std)
+    eps = torch.randn_like(x0)
+    a = max(1.0, nimg / config.double_nimg) if config.schedule == "smooth" else math.floor(nimg / config.double_nimg) + 1
+    r = mapping_r(t, a, q=config.q, k=config.k, b=config.b)
+    bc = lambda v: v[:, None, None, None]  # noqa: E731
+    x_t = x0 + bc(t) * eps
+    X, Q = x0.double().reshape(B, -1), x_t.double().reshape(B, -1)
+    d2 = ((Q[:, None, :] - X[None, :, :]) ** 2).sum(-1)
+    logits = -d2 / (2 * t.double()[:, None] ** 2)
+    if labels is not None:
+        logits = logits.masked_fill(labels[:, None] != labels[None, :], float("-inf"))
+    w = torch.softmax(logits, dim=1)
+    x0_hat = (w @ X).reshape(x0.shape)
+    rt = bc((r / t).double())
+    x_hat_r = (rt * x_t.double() + (1 - rt) * x0_hat).float()
+    onehot = None if labels is None else torch.eye(int(labels.max()) + 1)[labels]
+    D_t = net(x_t, t, onehot)
+    with torch.no_grad():
+        D_r = net(x_hat_r, torch.where(r > 0, r, t), onehot)
+    target = torch.where(bc(r > 0), D_r, x_hat_r).detach()
+    loss = ((D_t - target) ** 2).sum(dim=(1, 2, 3)).sqrt() / (t - r)
+    return loss, x_hat_r, 1 / (w**2).sum(1), r
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+@pytest.mark.parametrize("schedule", ["staircase", "smooth"])
+def test_sct_loss_matches_an_independent_float64_computation(conditional, schedule):
+    x0 = data(seed=4) * 0.3  # close images: the references share the weight at moderate t
+    labels = (torch.arange(B) % 2) if conditional else None
+    onehot = None if labels is None else torch.eye(2)[labels]
+    config = cfg(task="sct", P_mean=0.3, P_std=1.0, ref_source="batch", schedule=schedule)
+    net = make_net(p=0.0, label_dim=2 if conditional else 0)
+    nimg = 1500
+    net.inner.calls.clear()
+    loss, st = run(SCTLoss(config), net, x0, onehot, nimg=nimg)
+    target_in = net.inner.calls[1][0]  # c_in(r) x_hat_r, the input of the target pass
+    loss.sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+
+    ref, x_hat_r, ess, r = independent_sct(net, x0, labels, config=config, nimg=nimg)
+    assert torch.equal(st["r"], r)
+    assert bool((ess > 1.5).any()), "the reference set must actually average for this test to mean anything"
+    assert torch.allclose(st["ess"].double(), ess, rtol=1e-5)
+    c_in = 1 / (r**2 + 0.25).sqrt()
+    has_r = r > 0
+    assert bool(has_r.any()) and bool((~has_r).any())
+    got = target_in[has_r] / c_in[has_r][:, None, None, None]
+    assert torch.allclose(got, x_hat_r[has_r], rtol=1e-5, atol=1e-6), "target-pass input (the target point)"
+    assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-6)
+    ref.sum().backward()
+    for a, b in zip(grads, [p.grad for p in net.parameters()]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,128 @@
+"""Reference sources of SCT's target (sctlib.references): the whole data set on the device, the
+class-balanced bank, the own image counted exactly once, and the statistics the trainer logs."""
+import pytest
+import torch
+
+from sctlib.config import LossConfig
+from sctlib.references import ClassBalancedBank, DatasetReferences, GatheredReferences, build_references
+
+
+def brute(x_t, t, refs, own_index):
+    """float64 softmax over refs [B, n, d] (per row), own image at column own_index: x0_hat, ESS, own weight."""
+    x = x_t.double().reshape(x_t.shape[0], -1)
+    d2 = ((x[:, None, :] - refs.double()) ** 2).sum(-1)
+    w = torch.softmax(-d2 / (2 * t.double()[:, None] ** 2), dim=1)
+    return (w[:, :, None] * refs.double()).sum(1), 1 / (w**2).sum(1), w[:, own_index]
+
+
+def grid_images(n, d, gen):
+    """Images on EDM's uint8 grid u / 127.5 - 1 (what an EDM zip gives)."""
+    return torch.randint(0, 256, (n, d), generator=gen).float() / 127.5 - 1.0
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_dataset_references_match_float64_softmax_with_the_own_image_once(conditional):
+    g = torch.Generator().manual_seed(0)
+    N, d, B, C = 60, 12, 7, 3
+    X = grid_images(N, d, g) * 0.1  # close images: many references share the weight at moderate t
+    X = ((X + 1) * 127.5).round() / 127.5 - 1
+    y = torch.arange(N) % C
+    idx = torch.tensor([0, 5, 13, 22, 31, 47, 59])
+    x0, lab = X[idx], y[idx]
+    t = torch.tensor([0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 3.0])
+    x_t = x0 + t[:, None] * torch.randn(B, d, generator=g)
+    # tiny chunks so that every path streams over several chunks
+    src = DatasetReferences(X, y if conditional else None, elements_per_chunk=4 * d)
+    assert src.is_uint8 and src.store.dtype == torch.uint8 and src.nbytes == N * d
+    x0_hat, st = src(x_t, t, x0, lab if conditional else None, chunk_size=5)
+    for i in range(B):
+        mask = (y == lab[i]) if conditional else torch.ones(N, dtype=torch.bool)
+        others = X[mask & (torch.arange(N) != idx[i])]
+        refs = torch.cat([x0[i:i + 1], others])[None]  # own image first, exactly once
+        exp, ess, own = brute(x_t[i:i + 1], t[i:i + 1], refs, 0)
+        assert torch.allclose(x0_hat[i].double(), exp[0], atol=1e-6), i
+        assert torch.allclose(st["ess"][i], ess[0], rtol=1e-6), i
+        assert torch.allclose(st["own_weight"][i], own[0], rtol=1e-6, atol=1e-12), i
+        assert int(st["n_refs"][i]) == refs.shape[1]
+    assert float(st["ess"][0]) == pytest.approx(1.0, abs=1e-6)  # t = 0.01: one-hot on the own image
+    assert float(st["ess"][-1]) > 3  # t = 3: the references share the weight
+
+
+def test_dataset_references_float_store_and_subset_and_errors():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(40, 2, generator=g)  # off the uint8 grid (2-D toys, digits): kept in float32
+    src = DatasetReferences(X)
+    assert not src.is_uint8 and src.store.dtype == torch.float32 and len(src) == 40
+    sub = DatasetReferences(X, ref_size=10, seed=3)
+    assert len(sub) == 10 and torch.equal(sub.store, DatasetReferences(X, ref_size=10, seed=3).store)
+    # an own image that is not in the subset still counts exactly once (explicitly)
+    x0 = X[:4]
+    _, st = sub(x0 + 1e-3, torch.full((4,), 1e-3), x0)
+    assert torch.allclose(st["own_weight"], torch.ones(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="without labels"):
+        src(x0, 1.0, x0, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="shape"):
+        src(torch.zeros(2, 3), 1.0, torch.zeros(2, 3))
+
+
+def test_class_balanced_bank_keeps_k_newest_per_class_with_aligned_labels():
+    bank = ClassBalancedBank(num_classes=3, per_class=2)
+    assert bank.tensors() == (None, None)
+    x = torch.arange(5.0)[:, None]
+    bank.push(x, torch.tensor([0, 0, 0, 1, 2]))  # three of class 0: the oldest one is dropped
+    ref, lab = bank.tensors()
+    got = {(int(l), float(r)) for r, l in zip(ref.reshape(-1), lab) if l >= 0}
+    assert got == {(0, 1.0), (0, 2.0), (1, 3.0), (2, 4.0)} and int((lab == -1).sum()) == 2
+    bank.push(torch.tensor([[9.0]]), torch.tensor([1]))
+    ref, lab = bank.tensors()
+    assert sorted(float(r) for r, l in zip(ref.reshape(-1), lab) if l == 1) == [3.0, 9.0]
+    bank.push(torch.tensor([[7.0]]), torch.tensor([1]))  # FIFO within the class: 3 leaves
+    ref, lab = bank.tensors()
+    assert sorted(float(r) for r, l in zip(ref.reshape(-1), lab) if l == 1) == [7.0, 9.0]
+    other = ClassBalancedBank(3, 2)
+    other.load_state_dict(bank.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(other.tensors(), bank.tensors()))
+    with pytest.raises(ValueError, match="mismatch"):
+        ClassBalancedBank(3, 4).load_state_dict(bank.state_dict())
+
+
+def test_gathered_sources_report_own_weight_and_no_other_reference():
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(6, 5, generator=g)
+    labels = torch.tensor([0, 0, 1, 2, 2, 2])
+    t = torch.full((6,), 2.0)
+    x_t = x0 + t[:, None] * torch.randn(6, 5, generator=g)
+    _, st = GatheredReferences("batch")(x_t, t, x0, labels)
+    assert st["n_refs"].tolist() == [2, 2, 1, 3, 3, 3]  # class 1 has only its own image
+    assert float(st["own_weight"][2]) == 1.0 and float(st["ess"][2]) == pytest.approx(1.0)
+    for i in (0, 3):
+        mask = labels == labels[i]
+        refs = x0[mask][None]
+        _, ess, own = brute(x_t[i:i + 1], t[i:i + 1], refs, int((torch.nonzero(mask)[:, 0] == i).nonzero()))
+        assert torch.allclose(st["own_weight"][i].double(), own[0], rtol=1e-5)
+        assert torch.allclose(st["ess"][i].double(), ess[0], rtol=1e-5)
+    # the class-balanced bank: references of earlier batches, per class
+    src = build_references(LossConfig(task="sct", ref_source="bank", ref_per_class=4), num_classes=3)
+    src(x_t, t, x0, labels)
+    _, st = src(x_t, t, x0, labels)  # the second call sees the first batch in the bank
+    assert st["n_refs"].tolist() == [4, 4, 2, 6, 6, 6]
+    state = src.state_dict()
+    assert "class_bank" in state
+    with pytest.raises(ValueError, match="labels"):
+        src(x_t, t, x0, None)
+
+
+def test_build_references_errors():
+    with pytest.raises(ValueError, match="training set"):
+        build_references(LossConfig(task="sct", ref_source="dataset"))
+    with pytest.raises(ValueError, match="ref_per_class"):
+        build_references(LossConfig(task="sct", ref_source="batch", ref_per_class=3))
+    with pytest.raises(ValueError, match="label_dim"):
+        build_references(LossConfig(task="sct", ref_source="bank", ref_per_class=3))
+    with pytest.raises(ValueError, match="ref_source"):
+        build_references(LossConfig(task="sct", ref_source="pool"))
+    X, y = torch.zeros(4, 3), torch.tensor([0, 1, 0, 1])
+    src = build_references(LossConfig(task="sct", ref_source="dataset"), dataset=(X, y), num_classes=2)
+    assert src.offsets.tolist() == [0, 2, 4]
+    src = build_references(LossConfig(task="sct", ref_source="dataset"), dataset=(X, y), num_classes=0)
+    assert src.offsets is None  # unconditional model: the whole set

@@ -91,10 +91,11 @@ def main(argv=None) -> int:
     ap.add_argument("--t", default="0.25,0.5,1,2,5,10")
     ap.add_argument("--sizes", default="128,2048,0", help="reference-set sizes; 0 = every crop")
     ap.add_argument("--queries", type=int, default=256)
+    ap.add_argument("--size", type=int, default=32, help="crop size (32: CIFAR-10 stand-in, 64: ImageNet-64)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
-    crops = natural_crops()
-    print(f"{crops.shape[0]} crops of 32x32x3", file=sys.stderr)
+    crops = natural_crops(args.size)
+    print(f"{crops.shape[0]} crops of {args.size}x{args.size}x3", file=sys.stderr)
     rows = ess_table(crops, [float(t) for t in args.t.split(",")], [int(s) for s in args.sizes.split(",")],
                      queries=args.queries)
     print(f"{'n_refs':>7s} {'t':>6s} {'ESS mean':>9s} {'median':>7s} {'mixed':>6s} {'own w':>6s}")

@@ -57,3 +57,21 @@ def test_power_function_ema_equals_weighted_average():
     w = (t[1:] ** (gamma + 1) - t[:-1] ** (gamma + 1))
     expected = float((w * torch.tensor(values, dtype=torch.float64)).sum() / w.sum())
     assert abs(pf.models[0].weight.item() - expected) < 1e-3 * expected
+
+
+def test_ema_rampup_caps_the_halflife_at_ratio_times_images_seen():
+    """EDM's ramp-up: half-life = min(halflife, ratio * nimg), so early averages forget the init fast."""
+    from sctlib.ema import EMA, halflife_to_beta
+
+    net = torch.nn.Linear(2, 1)
+    ema = EMA(net, halflife_nimg=10_000, rampup_ratio=0.05)
+    assert ema.beta(1000, 100) == pytest.approx(halflife_to_beta(50, 100))      # 0.05 * 1000 = 50 < 10,000
+    assert ema.beta(10**6, 100) == pytest.approx(halflife_to_beta(10_000, 100))  # capped by the half-life
+    assert EMA(net, 10_000, 0.0).beta(1000, 100) == pytest.approx(halflife_to_beta(10_000, 100))
+    # and update() uses it: after one step at nimg = 1000 the EMA moved by 1 - beta towards the weights
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    before = ema.model.weight.clone()
+    ema.update(net, 1000, 100)
+    beta = halflife_to_beta(50, 100)
+    assert torch.allclose(ema.model.weight, beta * before + (1 - beta) * net.weight)

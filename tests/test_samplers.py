@@ -187,3 +187,32 @@ def test_search_mid_t_golden_section_and_grid():
     assert best_g == 1.5 and [m for m, _ in hist_g] == [0.5, 1.0, 1.5, 2.0]
     with pytest.raises(ValueError, match="bounds"):
         search_mid_t(f, noise, None, metric, bounds=(2.0, 1.0))
+
+
+def test_phased_step_formulas_and_renoise_scale():
+    """Each phased step lands where SCT Sec. 4.4 [RECON] says: the DDIM form (s'/t) x + (1 - s'/t) D for
+    'interp', and D + s' * randn (from the caller's generator) for 'renoise'."""
+    class Recorder:
+        def __init__(self):
+            self.inputs = []
+
+        def __call__(self, x, t, labels=None):
+            self.inputs.append((x.clone(), float(t)))
+            return torch.full_like(x, 0.25)  # a fixed x0 prediction
+
+    noise = torch.randn(16, 3, generator=torch.Generator().manual_seed(1))
+    eta = 0.2
+    D = Recorder()
+    sample_phased(D, noise, edges=EDGES, eta=eta, variant="renoise", generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    (x1, t1), (x2, t2) = D.inputs[1], D.inputs[2]
+    s1, s2 = t1, t2  # renoise lands at the 'interp' s': 1.7, then 0.4
+    assert (s1, s2) == pytest.approx((1.7, 0.4))
+    assert torch.allclose(x1, 0.25 + s1 * torch.randn(noise.shape, generator=g), atol=1e-6)
+    assert torch.allclose(x2, 0.25 + s2 * torch.randn(noise.shape, generator=g), atol=1e-6)
+    D = Recorder()
+    sample_phased(D, noise, edges=EDGES, eta=eta, variant="interp")
+    x_prev, t_prev = noise * 80.0, 80.0
+    for x, s in D.inputs[1:]:
+        assert torch.allclose(x, (s / t_prev) * x_prev + (1 - s / t_prev) * 0.25, atol=1e-5)
+        x_prev, t_prev = x, s

@@ -215,7 +215,7 @@ class DatasetReferences(ReferenceSource):
     kind = "dataset"
 
     def __init__(self, X: torch.Tensor, labels: Optional[torch.Tensor] = None, *, ref_size: int = 0,
-                 seed: int = 0, device=None, dup_rms: float = 0.01, elements_per_chunk: int = 2**26):
+                 seed: int = 0, device=None, dup_rms: float = 0.005, elements_per_chunk: int = 2**26):
         if X.ndim < 2 or X.shape[0] < 1:
             raise ValueError(f"DatasetReferences: need images [N, ...] with N >= 1, got shape {tuple(X.shape)}")
         device = torch.device(device) if device is not None else X.device

@@ -8,6 +8,16 @@ over ECT.
 
     python benchmarks/train_throughput.py --nets cifar10,imagenet64-s --steps 30 --warmup 10 --out bench.json
     python benchmarks/train_throughput.py --tiny        # CPU plumbing check with small networks
+
+SCT's reference sources (issue 13: each at most 5% over the ECT step) are rows of their own with ``--refs``:
+
+    python benchmarks/train_throughput.py --nets cifar10,imagenet64-s --variants bf16 \
+        --refs batch,bank,dataset-all,dataset-class --out refs.json
+
+'batch' = the local batch; 'bank' = a 4,096-image memory bank; 'dataset-all' = 50,000 references (all of
+CIFAR-10); 'dataset-class' = references from the sample's class with 1,300 images per class (ImageNet-64's
+~1,281; only for class-conditional nets). The dataset rows hold the synthetic set on the device as uint8,
+as the trainer does with a real one.
 """
 from __future__ import annotations
 
@@ -33,13 +43,27 @@ VARIANTS = {
 }
 
 
-class Synthetic(torch.utils.data.Dataset):
-    """Random images held in memory (the benchmark measures the step, not the data pipeline)."""
+# SCT reference-source rows: name -> (loss overrides, images in the synthetic set, classes or 0 = random labels)
+REF_VARIANTS = {
+    "preset": ({}, 0, 0),
+    "batch": ({"ref_source": "batch"}, 0, 0),
+    "bank": ({"ref_source": "bank", "ref_size": 4096, "ref_per_class": 0}, 0, 0),
+    "dataset-all": ({"ref_source": "dataset", "ref_size": 0, "ref_conditional": False}, 50_000, 0),
+    "dataset-class": ({"ref_source": "dataset", "ref_size": 0, "ref_conditional": True}, 13_000, 10),
+}
 
-    def __init__(self, shape, n, label_dim, device):
+
+class Synthetic(torch.utils.data.Dataset):
+    """Random images on the uint8 grid held in memory (the benchmark measures the step, not the data
+    pipeline); ``classes`` > 0 gives n / classes images per class."""
+
+    def __init__(self, shape, n, label_dim, device, classes=0):
         g = torch.Generator().manual_seed(0)
-        self.X = (torch.rand((n, *shape), generator=g) * 2 - 1).to(device)
-        self.y = torch.randint(0, max(label_dim, 1), (n,), generator=g).to(device)
+        self.X = (torch.randint(0, 256, (n, *shape), generator=g).float() / 127.5 - 1).to(device)
+        if classes:
+            self.y = (torch.arange(n) % classes).to(device)
+        else:
+            self.y = torch.randint(0, max(label_dim, 1), (n,), generator=g).to(device)
         self.shape, self.label_dim = tuple(shape), label_dim
 
     def __len__(self):
@@ -49,9 +73,9 @@ class Synthetic(torch.utils.data.Dataset):
         return self.X, self.y
 
 
-def bench(cfg, steps, warmup, device):
-    ds = Synthetic((cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution), 4 * cfg.batch_size,
-                   cfg.net.label_dim if cfg.cond else 0, device)
+def bench(cfg, steps, warmup, device, n_images=0, classes=0):
+    ds = Synthetic((cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution),
+                   n_images or 4 * cfg.batch_size, cfg.net.label_dim if cfg.cond else 0, device, classes)
     with tempfile.TemporaryDirectory() as d:
         tr = Trainer(cfg, d, progress=False, dataset=ds)
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -82,44 +106,60 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--tiny", action="store_true", help="small networks and batch, for a CPU check")
+    ap.add_argument("--refs", default="preset", help="SCT reference sources, one row each: " + ",".join(REF_VARIANTS))
+    ap.add_argument("--ref-images", type=int, default=0, help="override the synthetic set size of dataset rows")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
+    jobs = []
     for net in args.nets.split(","):
         for task in args.tasks.split(","):
-            base = C.get_preset(f"{net}-{task}")
-            base = replace(base, device=device, batch_size=args.batch, ema_halflife_nimg=base.ema_halflife_nimg,
-                           init="", tick_nimg=10**12, loss=replace(base.loss, double_nimg=3_200_000))
-            if args.tiny:
-                base = C.override(base, **{"net.model_channels": 32, "net.num_blocks": 1}, batch_size=8)
-            for vname in args.variants.split(","):
-                prec, tf32, cl, comp = VARIANTS[vname]
-                if device == "cpu" and prec != "fp32":
-                    continue
-                cfg = replace(base, precision=prec, tf32=tf32, channels_last=cl, compile=comp)
-                try:
-                    r = bench(cfg, args.steps, args.warmup, device)
-                except Exception as exc:  # noqa: BLE001 - report and go on with the other rows
-                    r = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-                row = {"net": net, "task": task, "variant": vname, **r}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            for ref in (args.refs.split(",") if task == "sct" else [""]):
+                jobs.append((net, task, ref))
+    for net, task, ref in jobs:
+        base = C.get_preset(f"{net}-{task}")
+        base = replace(base, device=device, batch_size=args.batch, ema_halflife_nimg=base.ema_halflife_nimg,
+                       init="", tick_nimg=10**12, loss=replace(base.loss, double_nimg=3_200_000))
+        if args.tiny:
+            base = C.override(base, **{"net.model_channels": 32, "net.num_blocks": 1}, batch_size=8)
+        n_images, classes = 0, 0
+        if ref:
+            changes, n_images, classes = REF_VARIANTS[ref]
+            if changes.get("ref_conditional") and not base.cond:
+                print(f"# skipping {net} {ref}: the net is unconditional", flush=True)
+                continue
+            n_images = args.ref_images or n_images
+            base = replace(base, loss=replace(base.loss, **changes))
+        label = f"{task}[{ref}]" if ref else task
+        for vname in args.variants.split(","):
+            prec, tf32, cl, comp = VARIANTS[vname]
+            if device == "cpu" and prec != "fp32":
+                continue
+            cfg = replace(base, precision=prec, tf32=tf32, channels_last=cl, compile=comp)
+            try:
+                r = bench(cfg, args.steps, args.warmup, device, n_images, classes)
+            except Exception as exc:  # noqa: BLE001 - report and go on with the other rows
+                r = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            row = {"net": net, "task": label, "variant": vname, "ref_source": cfg.loss.ref_source if ref else None,
+                   "ref_images": n_images or None, **r}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     # Ratios against the fp32 baseline of the same net and task, and SCT over ECT per variant.
-    print(f"\n{'net':14s} {'task':4s} {'variant':22s} {'img/s':>9s} {'x base':>7s} {'SCT/ECT':>8s} {'GiB':>6s}")
+    print(f"\n{'net':14s} {'task':20s} {'variant':22s} {'img/s':>9s} {'x base':>7s} {'SCT/ECT':>8s} {'GiB':>6s}")
     for r in rows:
         if "error" in r:
-            print(f"{r['net']:14s} {r['task']:4s} {r['variant']:22s} ERROR {r['error']}")
+            print(f"{r['net']:14s} {r['task']:20s} {r['variant']:22s} ERROR {r['error']}")
             continue
         base = next((b for b in rows if b["net"] == r["net"] and b["task"] == r["task"]
                      and b["variant"] == "fp32 (ECT default)" and "error" not in b), None)
         ect = next((b for b in rows if b["net"] == r["net"] and b["task"] == "ect"
                     and b["variant"] == r["variant"] and "error" not in b), None)
         r["x_baseline"] = r["img_per_s"] / base["img_per_s"] if base else None
-        r["sct_cost_over_ect"] = ect["img_per_s"] / r["img_per_s"] - 1 if (ect and r["task"] == "sct") else None
+        r["sct_cost_over_ect"] = ect["img_per_s"] / r["img_per_s"] - 1 if (ect and r["task"].startswith("sct")) else None
         xb = f"{r['x_baseline']:.2f}" if r["x_baseline"] else "-"
         so = f"{100 * r['sct_cost_over_ect']:+.1f}%" if r["sct_cost_over_ect"] is not None else "-"
-        print(f"{r['net']:14s} {r['task']:4s} {r['variant']:22s} {r['img_per_s']:9.1f} {xb:>7s} {so:>8s} "
+        print(f"{r['net']:14s} {r['task']:20s} {r['variant']:22s} {r['img_per_s']:9.1f} {xb:>7s} {so:>8s} "
               f"{r['peak_gib']:6.1f}")
     if args.out:
         meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,

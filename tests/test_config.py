@@ -1,5 +1,6 @@
 """Presets against the ECT scripts' table (ect-edm-code-facts.md Sec. 4) and override validation."""
 import dataclasses
+from dataclasses import replace
 import json
 
 import pytest
@@ -93,3 +94,28 @@ def test_json_round_trip_of_every_preset():
         d = C.to_dict(cfg)
         json.dumps(d)
         assert C.from_dict(C.TrainConfig, d) == cfg, name
+
+
+def test_every_sct_preset_uses_a_reference_set_that_averages():
+    """issue 13: an SCT preset whose reference set is (almost) only the own image is ECT plus a schedule."""
+    sct = {n: p for n, p in C.PRESETS.items() if p.loss.task == "sct"}
+    assert {"cifar10-sct", "cifar10-cond-sct", "imagenet64-s-sct", "digits-sct", "toy2d-sct"} <= set(sct)
+    for name, p in sct.items():
+        src = p.loss
+        assert src.schedule == "smooth" and src.smooth_end == "ect", name
+        if p.dataset in ("cifar10", "imagenet64") or p.dataset == "digits":
+            # the whole training set (per class for conditional models), never a sub-batch
+            assert src.ref_source == "dataset" and src.ref_size == 0, name
+            assert src.ref_conditional == p.cond or not p.cond, name
+        else:  # 2-D toys: a 4,096-point bank (ESS in the hundreds at t ~ 1 in two dimensions)
+            assert src.ref_source == "bank" and src.ref_size >= 4096, name
+    # ECT and SCT presets of one data set differ only in the loss's SCT switches
+    for a, b in (("cifar10-ect", "cifar10-sct"), ("cifar10-cond-ect", "cifar10-cond-sct"),
+                 ("imagenet64-s-ect", "imagenet64-s-sct")):
+        pa, pb = C.get_preset(a), C.get_preset(b)
+        assert replace(pa, name="", loss=None) == replace(pb, name="", loss=None), (a, b)
+        la, lb = pa.loss, pb.loss
+        assert replace(lb, task="ect", schedule="staircase", ref_source=la.ref_source, ref_chunk=la.ref_chunk,
+                       ref_conditional=la.ref_conditional) == la, (a, b)
+    cond = C.get_preset("cifar10-cond-sct")
+    assert cond.cond and cond.net.label_dim == 10 and cond.init == "edm-cifar10-32x32-cond-vp.pkl"

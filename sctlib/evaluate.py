@@ -12,7 +12,7 @@ from torch import nn
 
 from . import metrics, samplers
 
-__all__ = ["sampler_for", "generate", "evaluate_digits", "evaluate_toy", "evaluate", "make_eval_fn", "seeded_generator", "fid_report",
+__all__ = ["sampler_for", "snapshot_paths", "guidance_sweep", "generate", "evaluate_digits", "evaluate_toy", "evaluate", "make_eval_fn", "seeded_generator", "fid_report",
            "train_and_report"]
 
 
@@ -171,6 +171,41 @@ def evaluate(model, cfg, *, num_samples: Optional[int] = None, seed: int = 0, st
         return evaluate_toy(model, dataset.mixture, num_samples=n, steps=steps, mid_t=cfg.eval.mid_t,
                             t_max=cfg.eval.t_max, seed=seed, sample_fn=sample_fn)
     raise ValueError(f"no built-in CPU evaluation for dataset {cfg.dataset!r}; use sctlib.metrics.fid_multi_seed")
+
+
+def snapshot_paths(run_dir) -> dict:
+    """{fraction of training: path} of a run's EMA snapshots (``snapshots/ema-<frac>.safetensors``)."""
+    from pathlib import Path
+
+    out = {}
+    for p in sorted((Path(run_dir) / "snapshots").glob("ema-*.safetensors")):
+        out[float(p.name[len("ema-"):-len(".safetensors")])] = p
+    return out
+
+
+def guidance_sweep(model, run_dir, score: Callable, *, ws: Sequence[float] = (1.0, 1.2, 1.4, 1.7, 2.0),
+                   fracs: Optional[Sequence[float]] = None, device=None) -> list:
+    """Autoguidance by the run's own earlier EMA snapshots over a sweep of w (SCT Sec. 4.4 [RECON]).
+
+    ``score(guide, w) -> dict`` scores ``model`` guided by ``guide`` with strength w (e.g. a
+    :func:`fid_report` or :func:`evaluate_digits` call with ``guide=guide, w=w``). Returns rows
+    ``{'frac', 'w', **score}``: one unguided row (frac None, w = 1), then every snapshot fraction x w != 1.
+    """
+    from .checkpoints import load_model
+
+    paths = snapshot_paths(run_dir)
+    fracs = sorted(paths) if fracs is None else [float(f) for f in fracs]
+    missing = [f for f in fracs if f not in paths]
+    if missing:
+        raise FileNotFoundError(f"{run_dir}: no EMA snapshot at fraction(s) {missing}; found {sorted(paths)}")
+    if isinstance(model, nn.Module):
+        device = device or next(model.parameters()).device
+    rows = [{"frac": None, "w": 1.0, **score(None, 1.0)}]
+    for f in fracs:
+        guide, _ = load_model(str(paths[f]).replace(".safetensors", ""), map_location=device or "cpu")
+        guide = guide.eval()
+        rows += [{"frac": f, "w": float(w), **score(guide, float(w))} for w in ws if float(w) != 1.0]
+    return rows
 
 
 def make_eval_fn(cfg, *, num_samples: int = 500, seed: int = 0, steps=None):

@@ -269,6 +269,20 @@ def test_ema_snapshots_are_written_at_their_fractions_and_never_pruned(tmp_path)
     # The 50% snapshot is the EMA of a run that stops at 50%: the same weights.
     T.train(_tiny("toy2d-ect", *common, "total_nimg=1024"), tmp_path / "b", progress=False)
     _assert_same_weights(_final(tmp_path / "a", "snapshots/ema-0.5"), _final(tmp_path / "b", "final"))
+    # Autoguidance over a sweep of w with the snapshots (SCT Sec. 4.4): w = 1 is the unguided model.
+    from sctlib import evaluate
+
+    final, _ = T.load_run(tmp_path / "a")
+
+    def score(guide, w):
+        x, _ = evaluate.generate(final, 256, (2,), guide=guide, w=w, seed=1)
+        return {"x_mean": x.mean(0).tolist()}
+
+    rows = evaluate.guidance_sweep(final, tmp_path / "a", score, ws=(1.0, 2.0))
+    assert [(r["frac"], r["w"]) for r in rows] == [(None, 1.0), (0.25, 2.0), (0.5, 2.0), (0.75, 2.0)]
+    assert rows[0]["x_mean"] == score(None, 1.0)["x_mean"] and rows[1]["x_mean"] != rows[0]["x_mean"]
+    with pytest.raises(FileNotFoundError, match="0.4"):
+        evaluate.guidance_sweep(final, tmp_path / "a", score, fracs=(0.4,))
     with pytest.raises(C.ConfigError, match="snapshot_fracs"):
         T.Trainer(_tiny("toy2d-ect", "snapshot_fracs=0.5,1.0"), tmp_path / "c", progress=False)
 

@@ -126,3 +126,22 @@ def test_build_references_errors():
     assert src.offsets.tolist() == [0, 2, 4]
     src = build_references(LossConfig(task="sct", ref_source="dataset"), dataset=(X, y), num_classes=0)
     assert src.offsets is None  # unconditional model: the whole set
+
+
+def test_dataset_references_from_an_edm_zip(tmp_path):
+    from sctlib.data import EDMZipDataset, write_edm_zip
+    from sctlib.references import dataset_tensors
+
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (10, 3, 4, 4), generator=g, dtype=torch.uint8)
+    labels = [0, 1, 2, 0, 1, 2, 0, 1, 2, 2]
+    path = write_edm_zip(tmp_path / "d.zip", images, labels)
+    ds = EDMZipDataset(path, cond=True, xflip=True)
+    X, y = dataset_tensors(ds)
+    assert X.dtype == torch.uint8 and torch.equal(X, images) and y.tolist() == labels  # no flipped copies
+    assert len(ds) == 20 and torch.equal(ds.image_uint8(13), images[3].flip(-1))  # the training set is untouched
+    src = build_references(LossConfig(task="sct", ref_source="dataset"), dataset=ds, num_classes=3)
+    assert src.is_uint8 and src.offsets.tolist() == [0, 3, 6, 10] and src.max_class == 4
+    x0 = images[:2].float() / 127.5 - 1
+    _, st = src(x0 + 0.01, 1e-2, x0, torch.tensor([0, 1]))
+    assert st["n_refs"].tolist() == [3, 3]  # the class, with the own image counted once

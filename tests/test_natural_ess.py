@@ -7,7 +7,6 @@ ship with scikit-learn and scikit-image (the 'data' extra), at full size and dow
 import importlib.util
 from pathlib import Path
 
-import pytest
 import torch
 
 from sctlib import config as C
@@ -20,7 +19,9 @@ def _crops():
     spec = importlib.util.spec_from_file_location("natural_ess", ROOT / "benchmarks" / "natural_ess.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    import skimage.data  # noqa: F401 - fail loudly without the 'data' extra (no silent smaller set)
+    import skimage.data
+
+    assert callable(skimage.data.astronaut)  # the 'data' extra is installed: no silently smaller set
 
     return mod.natural_crops(32)
 

@@ -52,9 +52,10 @@ class ClassBalancedBank:
     """Memory bank with ``per_class`` slots per class (FIFO within each class): SCT Eq. 14 with a stated
     number of same-class references, whatever the class frequencies in recent batches.
 
-    Slots are one [C, K, ...] buffer; the write position of a sample is its class pointer plus its rank
-    among the same-class samples of the batch (a cumulative sum, no host sync). ``tensors()`` returns all
-    C x K slots with label -1 on the empty ones, which therefore never match a class.
+    Slots are one [C, K + 1, ...] buffer; the write position of a sample is its class pointer plus its rank
+    among the same-class samples of the batch (a cumulative sum). Rows beyond the newest K of a class in
+    one batch go to the spare slot K, which is never read, so no boolean indexing (a host sync on CUDA) is
+    needed. ``tensors()`` returns the C x K slots with label -1 on the empty ones, which never match.
     """
 
     def __init__(self, num_classes: int, per_class: int):
@@ -73,7 +74,7 @@ class ClassBalancedBank:
         C, K = self.num_classes, self.per_class
         c = _class_index(labels).to(x0.device)
         if self._data is None:
-            self._data = x0.new_zeros((C, K, *x0.shape[1:]))
+            self._data = x0.new_zeros((C, K + 1, *x0.shape[1:]))
             self._ptr = torch.zeros(C, dtype=torch.int64, device=x0.device)
             self._count = torch.zeros(C, dtype=torch.int64, device=x0.device)
         if self._data.device != x0.device:
@@ -82,9 +83,8 @@ class ClassBalancedBank:
         rank = (onehot.cumsum(0) * onehot).sum(1) - 1            # position among same-class rows of the batch
         n_c = onehot.sum(0)                                      # [C] rows per class in this batch
         keep = (rank >= n_c[c] - K) & (c >= 0) & (c < C)         # only the newest K per class survive
-        slot = (self._ptr[c] + rank) % K
-        idx_c, idx_s = c[keep], slot[keep]
-        self._data[idx_c, idx_s] = x0.detach()[keep].to(self._data.dtype)
+        slot = torch.where(keep, (self._ptr[c] + rank) % K, torch.full_like(rank, K))
+        self._data[c.clamp(0, C - 1), slot] = x0.detach().to(self._data.dtype)
         self._ptr = (self._ptr + n_c) % K
         self._count = torch.minimum(self._count + n_c, torch.full_like(self._count, K))
 
@@ -95,7 +95,7 @@ class ClassBalancedBank:
         lab = torch.arange(C, device=self._data.device).repeat_interleave(K)
         filled = torch.arange(K, device=self._data.device)[None, :] < self._count[:, None]
         lab = torch.where(filled.reshape(-1), lab, torch.full_like(lab, -1))
-        return self._data.reshape(C * K, *self._data.shape[2:]), lab
+        return self._data[:, :K].reshape(C * K, *self._data.shape[2:]), lab
 
     def state_dict(self) -> dict:
         out = {"num_classes": self.num_classes, "per_class": self.per_class}

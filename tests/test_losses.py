@@ -352,11 +352,20 @@ def test_sct_bank_state_resumes_exactly():
     assert ECTLoss(cfg()).state_dict() == {}
 
 
-@pytest.mark.parametrize("task,source", [("ect", "batch"), ("sct", "batch"), ("sct", "bank")])
+@pytest.mark.parametrize("task,source", [("ect", "batch"), ("sct", "batch"), ("sct", "bank"),
+                                         ("sct", "class-bank"), ("sct", "dataset")])
 def test_no_host_sync_in_consistency_losses(task, source, monkeypatch):
     """CPU proxy for "no host sync": every Python-level tensor -> host conversion raises inside the loss."""
-    config = cfg(task=task, ref_source=source, ref_size=32, edges=(0.0, 0.7))
-    loss_fn = build_loss(config)
+    from sctlib.references import build_references
+
+    per_class = 4 if source == "class-bank" else 0
+    config = cfg(task=task, ref_source="bank" if source == "class-bank" else source, ref_size=32,
+                 ref_per_class=per_class, edges=(0.0, 0.7))
+    refs = None
+    if task == "sct":
+        pool = torch.rand(30, *SHAPE, generator=torch.Generator().manual_seed(9)) * 2 - 1
+        refs = build_references(config, dataset=(pool, torch.arange(30) % 3), num_classes=3)
+    loss_fn = build_loss(config, references=refs)
     net = make_net(p=0.3, label_dim=3)
     labels = torch.eye(3)[torch.arange(B) % 3]  # one-hot rows: Precond range-checks integer labels on the host
     x0 = data()

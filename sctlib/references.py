@@ -231,7 +231,9 @@ class DatasetReferences(ReferenceSource):
         store, self.is_uint8 = _to_store(X)
         self.item_shape = tuple(X.shape[1:])
         self.d = int(math.prod(self.item_shape))
-        store = store.reshape(store.shape[0], self.d)
+        # On the device before sorting: the class-sorted copy then never doubles host memory (ImageNet-64:
+        # 15.7 GB per process).
+        store = store.reshape(store.shape[0], self.d).to(device)
         self.labels_sorted = None
         self.offsets = None
         if labels is not None:
@@ -247,7 +249,7 @@ class DatasetReferences(ReferenceSource):
             self.max_class = int(counts.max())
             self.num_classes = C
             self.labels_sorted = lab.to(device)
-        self.store = store.to(device).contiguous()
+        self.store = store.contiguous()
         # ||ref||^2 of the stored (dequantised) images, once, in float64.
         sq = torch.empty(self.store.shape[0], dtype=torch.float64, device=device)
         for s in range(0, self.store.shape[0], 4096):

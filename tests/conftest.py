@@ -27,3 +27,16 @@ def random_inception_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
     torch.save(sd, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def real_inception_file():
+    """The FID InceptionV3 weights installed by ``python -m sctlib.metrics install-inception`` (``make setup``
+    runs it, so CI always has them); skipped, saying how to install them, where they are absent."""
+    from sctlib.metrics import inception_weights as W
+
+    p = W.installed_inception_path()
+    if not p.is_file():
+        pytest.skip(f"FID InceptionV3 weights not installed at {p}: run `python -m sctlib.metrics install-inception` "
+                    "(make setup does)")
+    return p

@@ -132,6 +132,9 @@ def test_safetensors_copy_loads_the_same_network(real_inception_file, ts_tensors
     assert half.stat().st_size < 0.55 * dst.stat().st_size
     h = W.read_inception_tensors(half)
     assert all(v.dtype == torch.float32 for v in h.values())  # computed in float32 whatever the storage
+    # reference statistics are cached under the extractor's name: a float16 copy must not share the standard one's
+    assert M.load_inception(dst, device="cpu").name == "inception-v3-compat"
+    assert M.load_inception(half, device="cpu").name == "inception-v3-compat-f16"
     (tmp_path / "x.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="expected the TorchScript"):
         W.read_inception_tensors(tmp_path / "x.pt")

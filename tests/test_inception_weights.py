@@ -86,7 +86,10 @@ def photo_features(real_inception_file):
 
     china, flower = load_sample_images().images
     x = torch.cat([_crops(china, 4, 299, 0), _crops(flower, 4, 299, 1)])  # uint8 [8, 3, 299, 299]
-    ours = M.load_inception(device="cpu")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("SCTLIB_INCEPTION_WEIGHTS", raising=False)
+        mp.setenv("SCTLIB_CACHE", str(real_inception_file.parents[1]))
+        ours = M.load_inception(device="cpu")
     assert ours.weights_path == real_inception_file  # the default source
     with torch.no_grad():
         f_ours = ours(x)

@@ -353,8 +353,10 @@ def test_inception_plumbing_only_with_random_weights(random_inception_weights, t
 
 
 @pytest.mark.slow  # ~10-40 s (machine load): 64 images through InceptionV3 at 299x299 on the CPU
-def test_fid_with_real_inception_weights(real_inception_file):
+def test_fid_with_real_inception_weights(real_inception_file, monkeypatch):
     """The default FID network (installed weights, see tests/test_inception_weights.py) end to end on digits."""
+    monkeypatch.delenv("SCTLIB_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("SCTLIB_CACHE", str(real_inception_file.parents[1]))  # the cache as the session began
     assert M.resolve_inception_weights() == real_inception_file  # the installed copy is the default source
     ext = M.InceptionFeatures()
     X, _ = digits_images(32)

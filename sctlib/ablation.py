@@ -58,7 +58,7 @@ SMOKE_OVERRIDES: Tuple[str, ...] = (
 def smoke_params() -> dict:
     """The run_arm arguments a smoke run replaces: a few CPU steps, FID over a handful of images."""
     return {"overrides": list(SMOKE_OVERRIDES), "total_nimg": 32, "eval_nimg": [16, 32], "fid_images": 8,
-            "fid_ref_images": 16, "grad_batch_size": 4}
+            "fid_ref_images": 16, "grad_batch_size": 4, "allow_scratch": True}
 
 
 # stats.jsonl fields copied into results.json (those present; the SCT weight statistics only exist for SCT runs).
@@ -163,11 +163,12 @@ def _read_jsonl(path: Path) -> List[dict]:
 def run_arm(arm: str, *, seed: int, data_path: str, base_preset: str, teacher: str = "",
             overrides: Sequence[str] = (), total_nimg: int, eval_nimg: Sequence[int], fid_images: int,
             run_name: str, runs_dir, fid_ref_images: int = 0, ref_source: str = "", grad_batches: int = 4,
-            grad_batch_size: int = 0, inception_weights: Optional[str] = None, progress: bool = True) -> dict:
+            grad_batch_size: int = 0, inception_weights: Optional[str] = None, allow_scratch: bool = False,
+            progress: bool = True) -> dict:
     """Train (or resume) one arm with one seed and write ``runs_dir/run_name/results.json``; returns the record.
 
-    ``teacher`` is the initialisation (a run folder, a .safetensors, or a foreign pickle; '' = scratch, smoke
-    runs only). ``overrides`` (key=value) adjust ``base_preset`` but may not set the arm's own keys
+    ``teacher`` is the initialisation (a run folder, a .safetensors, or a foreign pickle); '' (training from
+    scratch) is refused unless ``allow_scratch`` (smoke runs: consistency tuning needs a teacher). ``overrides`` (key=value) adjust ``base_preset`` but may not set the arm's own keys
     (loss.task / loss.schedule / loss.smooth_end). At each ``eval_nimg`` point (images seen) the EMA model
     gets FID at 1 and 2 steps over ``fid_images`` generated images (seed set 0) against the statistics of
     ``fid_ref_images`` images of ``data_path`` (0 = all, cached), plus :func:`gradient_variance` over
@@ -179,6 +180,9 @@ def run_arm(arm: str, *, seed: int, data_path: str, base_preset: str, teacher: s
     from .data import load_dataset
     from .losses import build_loss
 
+    if not teacher and not allow_scratch:
+        raise ValueError("teacher is empty: the arms tune a diffusion teacher (a run folder or .safetensors); "
+                         "pass allow_scratch=True only for smoke runs")
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if key in _ARM_KEYS:

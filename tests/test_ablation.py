@@ -107,6 +107,9 @@ def test_plot_fid_curves_draws_a_band_per_arm():
 def test_run_arm_refuses_bad_arguments(tmp_path):
     kw = dict(seed=0, data_path=str(tmp_path / "x.zip"), base_preset="cifar10-ect", total_nimg=32, fid_images=8,
               run_name="r", runs_dir=tmp_path)
+    with pytest.raises(ValueError, match="teacher is empty"):
+        A.run_arm("ect", eval_nimg=[16], **kw)
+    kw["teacher"] = str(tmp_path / "teacher")
     with pytest.raises(ValueError, match="sets the arm's own key 'loss.task'"):
         A.run_arm("ect", overrides=["loss.task=sct"], eval_nimg=[16], **kw)
     with pytest.raises(ValueError, match="eval_nimg must be points"):

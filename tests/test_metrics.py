@@ -296,10 +296,12 @@ def test_fid_multi_seed_with_a_generate_callable(digits_cache):
 def test_inception_weights_missing_says_where(tmp_path, monkeypatch):
     monkeypatch.delenv("SCTLIB_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.setenv("SCTLIB_CACHE", str(tmp_path / "cache"))  # no installed copy here
     with pytest.raises(M.InceptionWeightsMissing) as e:
         M.resolve_inception_weights()
     msg = str(e.value)
     assert str(tmp_path / "th" / "hub" / "checkpoints" / M.INCEPTION_FILENAME) in msg
+    assert str(M.installed_inception_path()) in msg and "install-inception" in msg
     assert M.INCEPTION_URL in msg and "SCTLIB_INCEPTION_WEIGHTS" in msg and "weights_path" in msg
     assert isinstance(e.value, FileNotFoundError)
     with pytest.raises(M.InceptionWeightsMissing, match="nope.pth \\(weights_path argument\\)"):
@@ -350,28 +352,25 @@ def test_inception_plumbing_only_with_random_weights(random_inception_weights, t
     assert math.isfinite(k["mean"]) and math.isfinite(k["std"])
 
 
-def _real_weights_or_skip():
-    try:
-        return M.resolve_inception_weights()
-    except M.InceptionWeightsMissing as e:
-        pytest.skip("real InceptionV3 weights not present (looked at: " + "; ".join(e.looked) + f"; get {M.INCEPTION_URL})")
-
-
-@pytest.mark.slow
-def test_fid_with_real_inception_weights():
-    """Runs only where the real weights are installed (skipped, with the reason, elsewhere)."""
-    path = _real_weights_or_skip()
-    ext = M.InceptionFeatures(path)
+@pytest.mark.slow  # ~10-40 s (machine load): 64 images through InceptionV3 at 299x299 on the CPU
+def test_fid_with_real_inception_weights(real_inception_file, monkeypatch):
+    """The default FID network (installed weights, see tests/test_inception_weights.py) end to end on digits."""
+    monkeypatch.delenv("SCTLIB_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("SCTLIB_CACHE", str(real_inception_file.parents[1]))  # the cache as the session began
+    assert M.resolve_inception_weights() == real_inception_file  # the installed copy is the default source
+    ext = M.InceptionFeatures()
     X, _ = digits_images(32)
-    a = to_uint8(X[:40]).expand(-1, 3, -1, -1)
-    b = to_uint8(X[40:80]).expand(-1, 3, -1, -1)
-    stats_b = M.compute_stats(M.extract_features(b, ext, device="cpu"))
-    fa = M.extract_features(a, ext, device="cpu")
-    assert bool((fa >= 0).all())  # pool features of a ReLU network
+    a = to_uint8(X[:16]).expand(-1, 3, -1, -1)
+    b = to_uint8(X[40:56]).expand(-1, 3, -1, -1)
     noise = torch.randint(0, 256, a.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    fid_digits = M.fid(a, stats_b, extractor=ext, device="cpu")
-    fid_noise = M.fid(noise, stats_b, extractor=ext, device="cpu")
-    assert M.fid(b, stats_b, extractor=ext, device="cpu") < 1e-3
+    fa, fb, fn = (M.extract_features(x, ext, device="cpu") for x in (a, b, noise))
+    stats_b = M.compute_stats(fb)
+    assert bool((fa >= 0).all())  # pool features of a ReLU network
+    fid_digits = M.frechet_distance_from_features(fa, fb)
+    fid_noise = M.frechet_distance_from_features(fn, fb)
+    # fid() itself (streaming statistics) on the same images: equal up to summation order
+    assert M.fid(a, stats_b, extractor=ext, device="cpu") == pytest.approx(fid_digits, rel=1e-3)
+    assert M.frechet_distance_from_features(fb, fb) < 1e-3
     assert fid_noise > 2 * fid_digits
 
 

@@ -1,4 +1,5 @@
-"""Data: embedded sets (sklearn digits, 2-D Gaussian-mixture toys), EDM-format zips, converters.
+"""Data: embedded sets (sklearn digits, 2-D Gaussian-mixture toys, crops of the photographs shipped with
+scikit-image / scikit-learn), EDM-format zips, converters.
 
 Every data set is a ``torch.utils.data.Dataset`` whose items are ``(x0, label)`` with x0 float32 in
 [-1, 1] ([C, H, W]; toys [2]) and attributes ``label_dim`` (0 = unconditional), ``shape`` and ``name``.
@@ -20,6 +21,7 @@ from .embedded import (
     exact_posterior_mean,
     make_mixture,
 )
+from .natural import NATURAL_PHOTOS, build_natural, natural_images
 from .edmzip import (
     CONVERTER_HINT,
     EDMZipDataset,
@@ -48,6 +50,9 @@ __all__ = [
     "to_uint8",
     "save_image_grid",
     "TOY_MIXTURES",
+    "NATURAL_PHOTOS",
+    "natural_images",
+    "build_natural",
 ]
 
 DATASET_NAMES = ("digits", "digits-pad", *(f"toy2d-{m}" for m in TOY_MIXTURES), "edmzip", "cifar10", "imagenet64")

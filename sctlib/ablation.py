@@ -1,0 +1,303 @@
+"""The ECT / SCT ablation (SCT Fig. 3 and the two ingredients apart): one run = one arm x one seed.
+
+Arms, from the same teacher, data and budget (names agreed across the project's config):
+
+=============== ================================================ ==================================
+arm             what changes against ECT                          overrides
+=============== ================================================ ==================================
+``ect``         nothing: single-sample target, staircase          loss.task=ect loss.schedule=staircase
+``ect_target``  the stable (score-identity) target only           loss.task=sct loss.schedule=staircase
+``ect_smooth``  the smooth schedule only, ending at ECT's final   loss.task=ect loss.schedule=smooth
+                Delta t                                           loss.smooth_end=ect
+``sct``         both                                              loss.task=sct loss.schedule=smooth
+                                                                  loss.smooth_end=ect
+=============== ================================================ ==================================
+
+:func:`run_arm` trains (or resumes) the run, and at each requested number of images seen measures, on the EMA
+model, FID at 1 and 2 steps (real Inception, :func:`sctlib.metrics.load_inception`) and the spread of the
+mini-batch gradient (:func:`gradient_variance`); the per-tick target-variance diagnostics that the trainer logs
+(``stats.jsonl``: loss spread, residual mean / variance per t bin, SCT weight statistics where present) are
+copied alongside into ``runs/<run_name>/results.json``. :func:`aggregate_arms` turns several such records into
+a table of mean and standard deviation over seeds, and :func:`plot_fid_curves` draws FID against images seen
+with mean +- sd bands.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["ARMS", "ARM_OVERRIDES", "SMOKE_OVERRIDES", "smoke_params", "arm_overrides", "supported_overrides", "gradient_variance",
+           "run_arm", "aggregate_arms", "plot_fid_curves", "STATS_KEYS"]
+
+ARMS: Tuple[str, ...] = ("ect", "ect_target", "ect_smooth", "sct")
+ARM_OVERRIDES: Dict[str, Tuple[str, ...]] = {
+    "ect": ("loss.task=ect", "loss.schedule=staircase"),
+    "ect_target": ("loss.task=sct", "loss.schedule=staircase"),
+    "ect_smooth": ("loss.task=ect", "loss.schedule=smooth", "loss.smooth_end=ect"),
+    "sct": ("loss.task=sct", "loss.schedule=smooth", "loss.smooth_end=ect"),
+}
+_ARM_KEYS = ("loss.task", "loss.schedule", "loss.smooth_end")
+
+# Tiny CPU settings for a smoke run (plumbing only: the numbers mean nothing).
+SMOKE_OVERRIDES: Tuple[str, ...] = (
+    "device=cpu", "net.model_channels=16", "net.num_blocks=1", "net.channel_mult=1,1", "net.attn_resolutions=16",
+    "net.dropout=0", "batch_size=8", "tick_nimg=8", "checkpoint_nimg=16", "ema_halflife_nimg=64",
+    "loss.double_nimg=16", "eval.num_samples=8", "workers=0",
+)
+
+
+
+def smoke_params() -> dict:
+    """The run_arm arguments a smoke run replaces: a few CPU steps, FID over a handful of images."""
+    return {"overrides": list(SMOKE_OVERRIDES), "total_nimg": 32, "eval_nimg": [16, 32], "fid_images": 8,
+            "fid_ref_images": 16, "grad_batch_size": 4, "allow_scratch": True}
+
+
+# stats.jsonl fields copied into results.json (those present; the SCT weight statistics only exist for SCT runs).
+STATS_KEYS: Tuple[str, ...] = (
+    "nimg", "loss", "loss_std", "stage_exponent", "t_bin_edges", "residual_mean", "residual_var", "residual_count",
+    "sct_ess_mean", "sct_frac_mixed", "sct_own_weight_mean", "sct_ess_bins", "sct_frac_mixed_bins", "grad_norm",
+)
+
+
+def arm_overrides(arm: str, ref_source: str = "") -> List[str]:
+    """The config overrides of an arm; ``ref_source`` (e.g. 'batch', 'bank', 'dataset') sets the reference set of
+    the arms with the stable target."""
+    if arm not in ARM_OVERRIDES:
+        raise ValueError(f"unknown arm {arm!r}; valid: {', '.join(ARMS)}")
+    out = list(ARM_OVERRIDES[arm])
+    if ref_source and arm in ("ect_target", "sct"):
+        out.append(f"loss.ref_source={ref_source}")
+    return out
+
+
+def _has_field(cls, dotted: str) -> bool:
+    head, _, rest = dotted.partition(".")
+    for f in fields(cls):
+        if f.name == head:
+            if not rest:
+                return True
+            sub = f.default_factory() if callable(getattr(f, "default_factory", None)) else f.default
+            return is_dataclass(sub) and _has_field(type(sub), rest)
+    return False
+
+
+def supported_overrides(overrides: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """(kept, dropped): overrides whose key this sctlib's TrainConfig has, and those it lacks (e.g.
+    ``loss.smooth_end`` before that switch existed). The caller records the dropped ones."""
+    from .config import TrainConfig
+
+    kept, dropped = [], []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        (kept if _has_field(TrainConfig, key) else dropped).append(item)
+    return kept, dropped
+
+
+def _flat_grad(net: nn.Module) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).double()
+                      for p in net.parameters() if p.requires_grad])
+
+
+def gradient_variance(model: nn.Module, loss_fn: Callable, batches: Sequence[Tuple[torch.Tensor, Optional[torch.Tensor]]],
+                      *, nimg: int, seed: int = 0) -> Dict[str, float]:
+    """The spread of the mini-batch gradient of ``loss_fn`` at ``model``'s weights.
+
+    For M batches (the same ones, with the same t / eps draws from ``seed``, for every arm), g_m is the gradient
+    of the batch-mean loss. Returns ``grad_var_trace`` = sum_i Var_m(g_m,i) (ddof 1: the trace of the
+    covariance of the mini-batch gradient estimator), ``grad_mean_sq`` = ||mean_m g_m||^2 and ``grad_snr`` =
+    their ratio ``grad_mean_sq / grad_var_trace``. The paper's argument (SCT Sec. 4.1) is that a
+    lower-variance target lowers the first at equal signal. ``model`` is copied: its weights, gradients and
+    mode are untouched, and the global RNG state is restored.
+    """
+    if len(batches) < 2:
+        raise ValueError(f"gradient_variance needs at least 2 batches, got {len(batches)}")
+    net = copy.deepcopy(model).train()
+    for p in net.parameters():
+        p.requires_grad_(True)
+    grads = []
+    devices = [torch.device(p.device) for p in net.parameters() if p.device.type == "cuda"][:1]
+    with torch.random.fork_rng(devices=devices):
+        for m, (x0, labels) in enumerate(batches):
+            torch.manual_seed(int(seed) * 1000 + m)
+            net.zero_grad(set_to_none=True)
+            loss, _ = loss_fn(net, x0, labels, nimg=nimg)
+            loss.float().mean().backward()
+            grads.append(_flat_grad(net))
+    g = torch.stack(grads)
+    mean = g.mean(0)
+    var_trace = float(((g - mean) ** 2).sum(1).sum() / (len(grads) - 1))
+    mean_sq = float((mean ** 2).sum())
+    return {"grad_var_trace": var_trace, "grad_mean_sq": mean_sq,
+            "grad_snr": mean_sq / var_trace if var_trace > 0 else float("inf")}
+
+
+def _fixed_batches(dataset, cfg, *, num_batches: int, batch_size: int, device, seed: int):
+    g = torch.Generator().manual_seed(int(seed) + 0xBA7C)
+    idx = torch.randperm(len(dataset), generator=g)[: num_batches * batch_size]
+    out = []
+    for m in range(num_batches):
+        items = [dataset[int(i)] for i in idx[m * batch_size:(m + 1) * batch_size]]
+        x = torch.stack([it[0] for it in items]).to(device)
+        lab = None
+        if cfg.cond and getattr(dataset, "label_dim", 0):
+            lab = torch.stack([torch.as_tensor(it[1]) for it in items]).to(device)
+        out.append((x, lab))
+    return out
+
+
+def _read_jsonl(path: Path) -> List[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_arm(arm: str, *, seed: int, data_path: str, base_preset: str, teacher: str = "",
+            overrides: Sequence[str] = (), total_nimg: int, eval_nimg: Sequence[int], fid_images: int,
+            run_name: str, runs_dir, fid_ref_images: int = 0, ref_source: str = "", grad_batches: int = 4,
+            grad_batch_size: int = 0, inception_weights: Optional[str] = None, allow_scratch: bool = False,
+            progress: bool = True) -> dict:
+    """Train (or resume) one arm with one seed and write ``runs_dir/run_name/results.json``; returns the record.
+
+    ``teacher`` is the initialisation (a run folder, a .safetensors, or a foreign pickle); '' (training from
+    scratch) is refused unless ``allow_scratch`` (smoke runs: consistency tuning needs a teacher). ``overrides`` (key=value) adjust ``base_preset`` but may not set the arm's own keys
+    (loss.task / loss.schedule / loss.smooth_end). At each ``eval_nimg`` point (images seen) the EMA model
+    gets FID at 1 and 2 steps over ``fid_images`` generated images (seed set 0) against the statistics of
+    ``fid_ref_images`` images of ``data_path`` (0 = all, cached), plus :func:`gradient_variance` over
+    ``grad_batches`` fixed batches of ``grad_batch_size`` (0 = the run's batch size). Re-running the same call
+    resumes the training and keeps the evaluations already made.
+    """
+    from . import book, evaluate, metrics
+    from . import train as train_mod
+    from .data import load_dataset
+    from .losses import build_loss
+
+    if not teacher and not allow_scratch:
+        raise ValueError("teacher is empty: the arms tune a diffusion teacher (a run folder or .safetensors); "
+                         "pass allow_scratch=True only for smoke runs")
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in _ARM_KEYS:
+            raise ValueError(f"override {item!r} sets the arm's own key {key!r}; choose the arm instead ({', '.join(ARMS)})")
+    points = sorted({int(p) for p in eval_nimg})
+    if not points or points[0] <= 0 or points[-1] > int(total_nimg):
+        raise ValueError(f"eval_nimg must be points in (0, total_nimg={total_nimg}], got {list(eval_nimg)}")
+    every = math.gcd(*points)
+    wanted = [f"data_path={data_path}", "dataset=edmzip", f"init={teacher}", f"seed={int(seed)}",
+              f"total_nimg={int(total_nimg)}", f"eval.every_nimg={every}", *overrides,
+              *arm_overrides(arm, ref_source)]
+    settings, dropped = supported_overrides(wanted)
+    if dropped:
+        print(f"warning: this sctlib has no {', '.join(d.split('=')[0] for d in dropped)}; running without "
+              f"{dropped} (recorded in results.json)")
+    cfg = train_mod.resolve_config(base_preset, settings)
+    run_dir = Path(runs_dir) / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    device = torch.device("cuda" if (cfg.device != "cpu" and torch.cuda.is_available()) else "cpu")
+    extractor = metrics.load_inception(inception_weights or None, device=device)
+    ref = metrics.inception_reference_stats(data_path, extractor=extractor, max_images=fid_ref_images or None,
+                                            device=device, progress=progress)
+    dataset = load_dataset("edmzip", path=data_path, cond=cfg.cond)
+    loss_fn = build_loss(cfg.loss)
+    batches = _fixed_batches(dataset, cfg, num_batches=grad_batches, batch_size=grad_batch_size or cfg.batch_size,
+                             device=device, seed=seed)
+    done = {int(r["eval_point"]) for r in _read_jsonl(run_dir / "evals.jsonl") if "eval_point" in r}
+
+    def eval_fn(model, nimg):
+        due = [p for p in points if p <= nimg and p not in done]
+        if not due:
+            return {"skipped": True}
+        was = model.training
+        model.eval()
+        try:
+            rep = evaluate.fid_report(model, cfg, ref, num_images=fid_images, seeds=(0,), steps=(1, 2),
+                                      extractor=extractor, device=device, progress=False)
+            out = {"eval_point": due[-1], "eval_points": due,
+                   **{f"fid_{k}step": rep[f"fid_{k}step"]["mean"] for k in (1, 2)},
+                   **gradient_variance(model, loss_fn, batches, nimg=nimg, seed=seed)}
+        finally:
+            model.train(was)
+        done.update(due)
+        print(f"{run_name}: {nimg} images seen: FID 1 step {out['fid_1step']:.3f}, 2 steps {out['fid_2step']:.3f}, "
+              f"grad var {out['grad_var_trace']:.4g}")
+        return out
+
+    summary = train_mod.train(cfg, run_dir, progress=progress, eval_fn=eval_fn)
+    curve = sorted((r for r in _read_jsonl(run_dir / "evals.jsonl") if "eval_point" in r),
+                   key=lambda r: r["eval_point"])
+    stats = [{k: line[k] for k in STATS_KEYS if k in line} for line in _read_jsonl(run_dir / "stats.jsonl")]
+    results = {"arm": arm, "seed": int(seed), "curve": curve, "stats": stats}
+    book.write_results(run_dir, results, extra={
+        "arm": arm, "seed": int(seed), "base_preset": base_preset, "teacher": teacher, "data_path": data_path,
+        "settings": settings, "dropped_overrides": dropped, "total_nimg": int(total_nimg), "eval_nimg": points,
+        "fid_images": int(fid_images), "fid_ref_images": int(fid_ref_images),
+        "inception": str(extractor.weights_path), "train_summary": {k: v for k, v in summary.items() if k != "last_tick"}})
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def aggregate_arms(records: Sequence[dict], keys: Sequence[str] = ("fid_1step", "fid_2step", "grad_var_trace")) -> List[dict]:
+    """Mean and sample standard deviation (ddof 1; 0 for one seed) over seeds, per arm and eval point.
+
+    ``records``: results.json records of :func:`run_arm` (or their ``results`` parts). Returns rows
+    ``{'arm', 'nimg', 'n_seeds', 'seeds', '<key>_mean', '<key>_sd', ...}`` sorted by arm (in :data:`ARMS`
+    order) and images seen. Seeds of one arm must be distinct and have the same eval points.
+    """
+    by_arm: Dict[str, Dict[int, dict]] = {}
+    for rec in records:
+        r = rec.get("results", rec)
+        arm, seed = r["arm"], int(r["seed"])
+        if seed in by_arm.setdefault(arm, {}):
+            raise ValueError(f"arm {arm!r} has seed {seed} twice")
+        by_arm[arm][seed] = {int(c["eval_point"]): c for c in r["curve"]}
+    rows = []
+    for arm in sorted(by_arm, key=lambda a: (ARMS.index(a) if a in ARMS else len(ARMS), a)):
+        seeds = sorted(by_arm[arm])
+        pts = [sorted(by_arm[arm][s]) for s in seeds]
+        if any(p != pts[0] for p in pts):
+            raise ValueError(f"arm {arm!r}: the seeds were evaluated at different points: "
+                             + "; ".join(f"seed {s}: {p}" for s, p in zip(seeds, pts)))
+        for nimg in pts[0]:
+            row = {"arm": arm, "nimg": nimg, "n_seeds": len(seeds), "seeds": seeds}
+            for k in keys:
+                v = np.array([by_arm[arm][s][nimg].get(k, np.nan) for s in seeds], dtype=np.float64)
+                row[f"{k}_mean"] = float(v.mean())
+                row[f"{k}_sd"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+            rows.append(row)
+    return rows
+
+
+def plot_fid_curves(rows: Sequence[dict], *, steps: Sequence[int] = (1, 2), axes=None, log_y: bool = False):
+    """FID against images seen, one panel per step count, one line per arm with a mean +- sd band (rows from
+    :func:`aggregate_arms`). Returns the matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        fig, axes = plt.subplots(1, len(steps), figsize=(5.0 * len(steps), 3.6), squeeze=False)
+        axes = axes[0]
+    else:
+        fig = axes[0].figure
+    arms = [a for a in dict.fromkeys(r["arm"] for r in rows)]
+    for ax, k in zip(axes, steps):
+        for arm in arms:
+            rr = [r for r in rows if r["arm"] == arm]
+            x = np.array([r["nimg"] for r in rr], dtype=np.float64)
+            m = np.array([r[f"fid_{k}step_mean"] for r in rr])
+            s = np.array([r[f"fid_{k}step_sd"] for r in rr])
+            (line,) = ax.plot(x, m, marker="o", ms=3, label=f"{arm} (n={rr[0]['n_seeds']})")
+            ax.fill_between(x, m - s, m + s, color=line.get_color(), alpha=0.2, lw=0)
+        ax.set_xlabel("images seen")
+        ax.set_ylabel(f"FID, {k} step{'s' if k > 1 else ''}")
+        if log_y:
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -179,6 +179,7 @@ def run_arm(arm: str, *, seed: int, data_path: str, base_preset: str, teacher: s
     from . import train as train_mod
     from .data import load_dataset
     from .losses import build_loss
+    from .references import build_references
 
     if not teacher and not allow_scratch:
         raise ValueError("teacher is empty: the arms tune a diffusion teacher (a run folder or .safetensors); "
@@ -196,8 +197,9 @@ def run_arm(arm: str, *, seed: int, data_path: str, base_preset: str, teacher: s
               *arm_overrides(arm, ref_source)]
     settings, dropped = supported_overrides(wanted)
     if dropped:
-        print(f"warning: this sctlib has no {', '.join(d.split('=')[0] for d in dropped)}; running without "
-              f"{dropped} (recorded in results.json)")
+        # An arm that silently loses one of its switches is not the arm it claims to be: refuse.
+        raise ValueError(f"this sctlib's config has no {', '.join(d.split('=')[0] for d in dropped)}: "
+                         f"cannot run arm {arm!r} as defined")
     cfg = train_mod.resolve_config(base_preset, settings)
     run_dir = Path(runs_dir) / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -207,7 +209,11 @@ def run_arm(arm: str, *, seed: int, data_path: str, base_preset: str, teacher: s
     ref = metrics.inception_reference_stats(data_path, extractor=extractor, max_images=fid_ref_images or None,
                                             device=device, progress=progress)
     dataset = load_dataset("edmzip", path=data_path, cond=cfg.cond)
-    loss_fn = build_loss(cfg.loss)
+    # The gradient-spread probe uses the arm's own target: for ref_source='dataset' that needs the training set
+    # (a memory bank would start empty here, so bank arms report the spread of a batch-reference target).
+    refs = build_references(cfg.loss, dataset=dataset, num_classes=cfg.net.label_dim if cfg.cond else 0,
+                            device=device, seed=seed) if cfg.loss.task == "sct" else None
+    loss_fn = build_loss(cfg.loss, references=refs)
     batches = _fixed_batches(dataset, cfg, num_batches=grad_batches, batch_size=grad_batch_size or cfg.batch_size,
                              device=device, seed=seed)
     done = {int(r["eval_point"]) for r in _read_jsonl(run_dir / "evals.jsonl") if "eval_point" in r}

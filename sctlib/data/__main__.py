@@ -32,6 +32,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     n.add_argument("--crops-per-photo", type=int, default=None, help="default 4608 (11 x 4608 = 50,688 images)")
     n.add_argument("--no-labels", action="store_true", help="write no class labels (label = source photograph)")
     n.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    n.add_argument("--no-verify", action="store_true",
+                   help="write even if the photographs or the result differ from the recorded hashes (another JPEG "
+                        "decoder); the hash obtained is printed, so results can say which set they used")
     i = sub.add_parser("info", help="print size, shape and label count of an EDM-format zip")
     i.add_argument("zip")
     args = ap.parse_args(argv)
@@ -55,7 +58,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             info = build_natural(args.dst, args.resolution, seed=args.seed,
                                  crops_per_photo=args.crops_per_photo or DEFAULT_CROPS_PER_PHOTO,
-                                 labels=not args.no_labels, progress=not args.no_progress)
+                                 labels=not args.no_labels, verify=not args.no_verify,
+                                 progress=not args.no_progress)
             print(f"wrote {info['path']}: {info['num_images']} images {info['resolution']}x{info['resolution']}x3, "
                   f"{info['num_classes']} classes, sha256 {info['sha256']}"
                   + (" (verified)" if info["verified"] else " (no recorded hash for these settings)"))

@@ -188,7 +188,8 @@ def build_natural(dst: Union[str, os.PathLike], resolution: int = 32, *, seed: i
     """
     from .edmzip import write_edm_zip
 
-    x, y = natural_images(resolution, seed=seed, crops_per_photo=crops_per_photo, max_scale=max_scale)
+    x, y = natural_images(resolution, seed=seed, crops_per_photo=crops_per_photo, max_scale=max_scale,
+                          check_photos=verify)
     digest = natural_hash(x, y)
     default = (seed == 0 and crops_per_photo == DEFAULT_CROPS_PER_PHOTO and max_scale == DEFAULT_MAX_SCALE)
     want = NATURAL_SHA256.get(resolution) if default else None

@@ -234,7 +234,8 @@ def measure_diff(net32, ref, data, stages, q, k, b, n_per_t, device, seed, batch
 # (b) the gradient of one fixed batch of the real loss.
 
 def _flat_grad(model):
-    return torch.cat([p.grad.reshape(-1).to(torch.float64) for p in model.parameters() if p.grad is not None])
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float64)
+                      for p in model.parameters()])
 
 
 def loss_grad(model, loss_fn, x0, labels, nimg, fmt, device, seed, sd):
@@ -261,11 +262,13 @@ def measure_grad(net32, ref, loss_cfgs, data, stages, batch, device, seed):
     x0 = data.X[idx].to(device)
     labels = (data.y[idx] % max(net32.label_dim, 1)).to(device) if net32.label_dim else None
     sd32 = {k: v.clone() for k, v in net32.state_dict().items()}
+    sizes = [p.numel() for p in net32.parameters()]  # _flat_grad fills absent gradients with zeros
     sd64 = {k: v.clone() for k, v in ref.pre.state_dict().items()}
     out = {}
     for task, lcfg in loss_cfgs.items():
         loss_fn = build_loss(lcfg)
-        res = {f: {"cosine": [], "rel_error": [], "fp16_scale": [], "loss": []} for f in FORMATS}
+        res = {f: {"cosine": [], "rel_error": [], "cosine_tensor_median": [], "cosine_tensor_min": [], "fp16_scale": [],
+                   "loss": []} for f in FORMATS}
         res["ref_loss"] = []
         for a in stages:
             nimg = int(round((a - 1) * lcfg.double_nimg))  # stage exponent a (staircase and smooth agree here)
@@ -277,6 +280,11 @@ def measure_grad(net32, ref, loss_cfgs, data, stages, batch, device, seed):
                 cos = float(gv @ g_ref / (gv.norm() * g_ref.norm())) if ok else float("nan")
                 res[f]["cosine"].append(cos)
                 res[f]["rel_error"].append(float((gv - g_ref).norm() / g_ref.norm()) if ok else float("nan"))
+                # per parameter tensor: the whole-vector cosine is dominated by the largest gradients
+                per = [float(x @ y / (x.norm() * y.norm())) for x, y in zip(gv.split(sizes), g_ref.split(sizes))
+                       if float(y.norm()) > 0] if ok else [float("nan")]
+                res[f]["cosine_tensor_median"].append(float(np.median(per)))
+                res[f]["cosine_tensor_min"].append(float(np.min(per)))
                 res[f]["fp16_scale"].append(scale if f == "fp16" else None)
                 res[f]["loss"].append(lv)
         out[task] = res
@@ -286,18 +294,18 @@ def measure_grad(net32, ref, loss_cfgs, data, stages, batch, device, seed):
 
 # ------------------------------------------------------------------------------------------------
 
-def bench_net(name, args, device, work: Path):
+def bench_net(name, args, device, work: Path, teacher_path: str = "", teacher_nimg: int = 0):
     t0 = time.time()
     ect, sct, net_cfg = preset_for(name, args.tiny)
     data = Images(net_cfg.img_channels, net_cfg.img_resolution, net_cfg.label_dim)
     teacher = {}
-    if args.teacher:
-        model, info = load_teacher(args.teacher)
-        teacher = {"source": str(args.teacher), "meta": info.get("meta", {})}
+    if teacher_path:
+        model, info = load_teacher(teacher_path)
+        teacher = {"source": str(teacher_path), "meta": info.get("meta", {})}
         net_cfg = C.from_dict(C.NetConfig, info["net_config"])
         sd = model.state_dict()
     else:
-        run = train_teacher(name, net_cfg, data, args.teacher_nimg, work / f"{name}-teacher", device)
+        run = train_teacher(name, net_cfg, data, teacher_nimg, work / f"{name}-teacher", device)
         model, info = T.load_run(run)
         sd = model.state_dict()
         teacher = {"source": "trained by this script: denoising score matching (EDM loss, P_mean -1.2, P_std 1.2) "
@@ -305,7 +313,7 @@ def bench_net(name, args, device, work: Path):
                              + ("" if name == "digits" else
                                 f" (resized to {net_cfg.img_resolution}x{net_cfg.img_resolution}, grey in "
                                 f"{net_cfg.img_channels} channels; a short pre-training, not a converged model)"),
-                   "nimg": args.teacher_nimg, "weights": "EMA"}
+                   "nimg": teacher_nimg, "weights": "EMA"}
     t_teacher = time.time() - t0
     # Measurement network: the preset's boundary mode, dropout off, train mode (as in tuning).
     mcfg = replace(net_cfg, dropout=0.0, boundary=ect.net.boundary)
@@ -407,8 +415,9 @@ def plot(result: dict, path: Path) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--nets", default="digits", help="comma list of: " + ", ".join(NETS))
-    p.add_argument("--teacher", default="", help="run dir or .safetensors of a trained model (one net only)")
-    p.add_argument("--teacher-nimg", type=int, default=256_000, help="images of the teacher pre-training here")
+    p.add_argument("--teacher", default="", help="run dir or .safetensors of a trained model, one per net (comma list)")
+    p.add_argument("--teacher-nimg", default="256000",
+                   help="images of the teacher pre-training here: one number, or one per net (comma list)")
     p.add_argument("--tiny", action="store_true", help="tiny widths / 16x16 for the big nets (CPU check)")
     p.add_argument("--device", default="auto")
     p.add_argument("--reference", default="fp64", choices=("fp64", "fp32"))
@@ -424,8 +433,12 @@ def main(argv=None):
     args.stages = [float(s) for s in args.stages.split(",")] if args.stages else None
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     nets = args.nets.split(",")
-    if args.teacher and len(nets) != 1:
-        p.error("--teacher fits one network: pass a single --nets name")
+    teachers = args.teacher.split(",") if args.teacher else [""] * len(nets)
+    teacher_nimgs = [int(float(v)) for v in args.teacher_nimg.split(",")]
+    if len(teacher_nimgs) == 1:
+        teacher_nimgs = teacher_nimgs * len(nets)
+    if len(teachers) != len(nets) or len(teacher_nimgs) != len(nets):
+        p.error(f"--teacher / --teacher-nimg need one value per net ({len(nets)}: {args.nets})")
     for n in nets:
         if n not in NETS:
             p.error(f"unknown net {n!r}; valid: {', '.join(NETS)}")
@@ -443,9 +456,9 @@ def main(argv=None):
                          "from 2^16 and halved until the gradient is finite (a GradScaler's search)"},
         "nets": {},
     }
-    for name in nets:
+    for name, tpath, tnimg in zip(nets, teachers, teacher_nimgs):
         print(f"[precision] {name} ...", file=sys.stderr, flush=True)
-        result["nets"][name] = bench_net(name, args, device, work)
+        result["nets"][name] = bench_net(name, args, device, work, tpath, tnimg)
         print(f"[precision] {name} done: {result['nets'][name]['seconds']}", file=sys.stderr, flush=True)
     result["total_seconds"] = time.time() - t0
     out.write_text(json.dumps(_json_safe(result), indent=1))

@@ -187,3 +187,105 @@ def test_resume_across_a_switch_is_exact(tmp_path, precision):
         if full.scaler is not None:
             assert resumed.scaler.get_scale() == full.scaler.get_scale()
             assert resumed.total_fp16_skipped == full.total_fp16_skipped
+
+
+# ---------------------------------------------------------------- the benchmarks (CPU, tiny)
+
+def _bench_module(name):
+    import importlib.util
+
+    path = T.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("preset", ["ddpmpp-tiny", "edm2-tiny"])
+def test_float64_reference_is_the_same_denoiser(preset):
+    """The float64 reference computes EDM's D like Precond does (same coefficients, labels, boundary)."""
+    from dataclasses import replace
+
+    from sctlib.networks import NET_PRESETS, build_network
+
+    B = _bench_module("precision")
+    torch.manual_seed(0)
+    cfg = replace(NET_PRESETS[preset], dropout=0.0, boundary="eval")
+    net = build_network(cfg).eval()
+    ref = B.Float64Denoiser(build_network(cfg).eval())
+    ref.pre.load_state_dict(net.state_dict())
+    ref.eval()
+    x = torch.randn(6, 3, 16, 16)
+    t = torch.tensor([0.004, 0.03, 0.3, 1.0, 7.0, 60.0])
+    lab = torch.arange(6) % 10 if cfg.label_dim else None
+    out = ref(x, t, lab)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.float(), net(x, t, lab), atol=2e-5, rtol=1e-4)
+    assert (out[0] - x[0].double()).abs().max() < 0.1  # boundary in eval: f(x, t ~ sigma_min) ~ x
+
+
+def test_measurements_against_an_identical_reference():
+    """With the fp32 network as its own reference, fp32 has zero error and cosine 1; bf16 does not, and its
+    error on D(x_t) - D(x_r) grows as Delta t shrinks (the effect the benchmark exists to measure)."""
+    from dataclasses import replace
+
+    from sctlib.networks import build_network
+
+    B = _bench_module("precision")
+    ect, sct, net_cfg = B.preset_for("digits", tiny=False)
+    net_cfg = replace(net_cfg, model_channels=8, dropout=0.0)
+    data = B.Images(1, 8, 10)
+    torch.manual_seed(0)
+    net = build_network(net_cfg).train()
+    ref = B.Float32Reference(build_network(net_cfg).train())
+    ref.pre.load_state_dict(net.state_dict())
+    d = B.measure_diff(net, ref, data, [2.0, 8.0], 2.0, 8.0, 1.0, 4, "cpu", 0, 64)
+    assert all(e == 0.0 for row in d["rel_error"]["fp32"] for e in row if e == e)
+    bf = [max(e for e in row if e == e) for row in d["rel_error"]["bf16"]]
+    assert 0 < bf[0] < bf[1]
+    g = B.measure_grad(net, ref, {"ect": replace(ect.loss, ref_source="batch")}, data, [2.0, 8.0], 16, "cpu", 0)
+    assert all(abs(c - 1) < 1e-12 for c in g["ect"]["fp32"]["cosine"])
+    assert all(e == 0.0 for e in g["ect"]["fp32"]["rel_error"])
+    assert all(0.9 < c < 1 - 1e-12 for c in g["ect"]["bf16"]["cosine"])
+
+
+def test_precision_benchmark_end_to_end(tmp_path):
+    """The script trains a teacher, measures, writes JSON (with its command) and a plot."""
+    out = tmp_path / "p.json"
+    B = _bench_module("precision")
+    B.main(["--nets", "digits", "--teacher-nimg", "1024", "--stages", "1,4", "--n-per-t", "2", "--grad-batch", "8",
+            "--tasks", "sct", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["command"].startswith("python benchmarks/precision.py --nets digits")
+    net = r["nets"]["digits"]
+    assert net["stages"] == [1.0, 4.0] and "trained by this script" in net["teacher"]["source"]
+    assert len(net["diff"]["rel_error"]["bf16"]) == 2 and len(net["diff"]["rel_error"]["bf16"][0]) == len(net["t_values"])
+    assert set(net["grad"]) == {"sct"} and out.with_suffix(".png").stat().st_size > 10_000
+    # a run dir works as --teacher
+    B.main(["--nets", "digits", "--teacher", str(tmp_path / "p_runs" / "digits-teacher"), "--stages", "2",
+            "--n-per-t", "2", "--grad-batch", "8", "--tasks", "ect", "--out", str(tmp_path / "q.json")])
+    q = json.loads((tmp_path / "q.json").read_text())["nets"]["digits"]
+    assert q["teacher"]["source"].endswith("digits-teacher")
+
+
+@pytest.mark.slow
+def test_matched_runs_end_to_end(tmp_path):
+    """Teacher, then bf16 / fp16 / tf32 tunings with one seed in parallel processes, scored; mean per precision."""
+    out = tmp_path / "runs.json"
+    r = subprocess.run([sys.executable, "benchmarks/precision_runs.py", "--preset", "digits-sct",
+                        "--train-teacher-nimg", "512", "--seeds", "0", "--jobs", "2", "--eval-samples", "100",
+                        "--out", str(out), "device=cpu", "net.model_channels=8", "batch_size=32", "total_nimg=512",
+                        "loss.double_nimg=256", "loss.ref_size=64", "tick_nimg=256"],
+                       capture_output=True, text=True, env=ENV, cwd=str(T.Path(__file__).resolve().parents[1]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["per_precision"]) == {"bf16", "fp16", "tf32"}
+    for prec, row in res["per_precision"].items():
+        assert row["n"] == 1 and math.isfinite(row["fd_1step"]["mean"]) and math.isfinite(row["fd_2step"]["mean"])
+    runs = {x["precision"]: x for x in res["runs"]}
+    assert runs["fp16"]["settings"][-2:] == ["precision=fp16", "seed=0"]
+    assert all(x["nimg"] == 512 for x in runs.values())
+    # same teacher, same images and draws: the three formats end close, but not bit-identical
+    fd = [runs[p]["scores"]["fd_1step"] for p in ("bf16", "fp16", "tf32")]
+    assert len(set(fd)) > 1
+    assert out.with_suffix(".png").exists()

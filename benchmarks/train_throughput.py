@@ -36,7 +36,7 @@ from sctlib.train import Trainer
 VARIANTS = {
     # name: (precision, tf32, channels_last, compile); cuDNN autotuning (cudnn_benchmark) is on in every row
     "fp32 (ECT default)": ("fp32", False, False, False),
-    "fp32+tf32": ("fp32", True, False, False),
+    "fp32+tf32": ("tf32", True, False, False),
     "bf16": ("bf16", True, False, False),
     "bf16+channels_last": ("bf16", True, True, False),
     "bf16+cl+compile": ("bf16", True, True, True),

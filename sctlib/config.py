@@ -125,8 +125,11 @@ class TrainConfig:
     batch_gpu: int = 0                         # micro-batch per process (0 = batch_size / world)
     seed: int = 0
     device: str = "auto"                       # 'auto' | 'cpu' | 'cuda'
-    precision: str = "auto"                    # 'auto' (bf16 on CUDA, fp32 on CPU) | 'fp32' | 'bf16' | 'fp16'
-    tf32: bool = True                          # allow TF32 matmuls/convs on CUDA
+    # 'auto' (bf16 on CUDA, fp32 on CPU) | 'fp32' (TF32 off) | 'tf32' | 'bf16' | 'fp16' (autocast + GradScaler)
+    # | a switch by stage exponent a, e.g. 'bf16,tf32@stage>=6' (syntax and rationale: sctlib/precision.py).
+    # 'auto' keeps the behaviour from before the precision benchmark; the choice per preset awaits its GPU numbers.
+    precision: str = "auto"
+    tf32: bool = True                          # TF32 for the float32 ops left alone under bf16/fp16 autocast (CUDA)
     cudnn_benchmark: bool = True               # let cuDNN pick the fastest conv algorithms (ECT's --bench)
     compile: bool = False                      # torch.compile the network
     channels_last: bool = False                # memory format on CUDA

@@ -40,6 +40,7 @@ from .config import ConfigError, TrainConfig
 from .ema import EMA, PowerFunctionEMA
 from .losses import build_loss
 from .networks import build_network
+from .precision import PrecisionRule, autocast as precision_autocast, set_tf32
 
 __all__ = [
     "train",
@@ -246,8 +247,6 @@ class Trainer:
             sd = _init_state_dict(cfg.init)
             self._load_weights(self.net, sd, f"init {cfg.init}")
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-            torch.backends.cudnn.allow_tf32 = cfg.tf32
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
             if cfg.channels_last and cfg.net.arch != "mlp":
                 self.net = self.net.to(memory_format=torch.channels_last)
@@ -257,8 +256,14 @@ class Trainer:
         opt_cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[cfg.optim.name]
         self.opt = opt_cls(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         self.loss_fn = build_loss(cfg.loss, references=self._build_references())
-        self.precision = self._precision()
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        # The precision rule answers "which format now?" per step (sctlib.precision); a scaler exists
+        # whenever some stage runs in fp16, so that its state is checkpointed across a switch.
+        self.precision_rule = PrecisionRule.parse(cfg.precision, self.device.type)
+        self.nimg = 0
+        self.precision = self.precision_rule.format_at(self._stage())
+        if self.device.type == "cuda":
+            set_tf32(self.precision, cfg.tf32)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision_rule.uses_fp16 else None
 
         self.ddp = self.net
         if self.world > 1:
@@ -274,6 +279,7 @@ class Trainer:
         self.step = 0
         self.consecutive_nonfinite = 0
         self.total_nonfinite = 0
+        self.total_fp16_skipped = 0
         self.per_rank = cfg.batch_size // self.world
         self.batch_gpu = cfg.batch_gpu or self.per_rank
         self._reset_tick()
@@ -302,8 +308,7 @@ class Trainer:
             raise ConfigError("total_nimg must be positive")
         if cfg.optim.name not in ("adam", "radam"):
             raise ConfigError(f"optim.name must be 'adam' or 'radam', got {cfg.optim.name!r}")
-        if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
+        PrecisionRule.parse(cfg.precision, self.device.type)  # raises a ConfigError naming the syntax
         if cfg.cond and cfg.net.label_dim == 0:
             raise ConfigError("cond=True needs net.label_dim > 0")
         if not cfg.cond and cfg.net.label_dim > 0:
@@ -311,19 +316,20 @@ class Trainer:
         if any(not 0.0 < f < 1.0 for f in cfg.snapshot_fracs):
             raise ConfigError(f"snapshot_fracs must lie strictly between 0 and 1, got {tuple(cfg.snapshot_fracs)}")
 
-    def _precision(self) -> str:
-        p = self.cfg.precision
-        if p == "auto":
-            p = "bf16" if self.device.type == "cuda" else "fp32"
-        if p == "fp16" and self.device.type != "cuda":
-            raise ConfigError("precision=fp16 (with a gradient scaler) needs CUDA; use fp32 or bf16 on the CPU")
-        return p
+    def _stage(self) -> float:
+        """The stage exponent a now (ECT staircase or SCT smooth; 0 for a diffusion teacher)."""
+        return float(self.loss_fn.stage(self.nimg))
+
+    def _select_format(self) -> str:
+        """Ask the precision rule for this step's format; switch the TF32 flags when it changes."""
+        fmt = self.precision_rule.format_at(self._stage())
+        if fmt != self.precision and self.device.type == "cuda":
+            set_tf32(fmt, self.cfg.tf32)
+        self.precision = fmt
+        return fmt
 
     def _autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return precision_autocast(self.precision, self.device.type)
 
     @staticmethod
     def _load_weights(module: nn.Module, sd: Dict[str, torch.Tensor], what: str) -> None:
@@ -387,6 +393,7 @@ class Trainer:
         self.tick_start_time = time.time()
         self.tick_start_nimg = self.nimg
         self.tick_skipped = 0
+        self.tick_fp16_skipped = 0
 
     def _accumulate(self, loss: torch.Tensor, stats: dict) -> None:
         a = self.acc
@@ -439,6 +446,10 @@ class Trainer:
             "stage_exponent": float(self.loss_fn.stage(self.nimg)) if hasattr(self.loss_fn, "stage") else None,
             "nonfinite_losses": int(vals["nonfinite"].item()),
             "skipped_steps": self.tick_skipped,
+            # fp16 steps skipped by the gradient scaler (overflow while the scale was >= 1; in skipped_steps too)
+            "fp16_skipped_steps": self.tick_fp16_skipped,
+            "precision": self.precision,
+            "loss_scale": float(self.scaler.get_scale()) if self.scaler is not None else None,
             # Per t-bin mean and variance of the squared residual ||target - f(x_t, t)||^2 / d.
             "t_bin_edges": list(T_BIN_EDGES),
             "residual_mean": [float(x) for x in res_mean],
@@ -487,6 +498,7 @@ class Trainer:
                 "world": self.world,
                 "consecutive_nonfinite": self.consecutive_nonfinite,
                 "total_nonfinite": self.total_nonfinite,
+                "total_fp16_skipped": self.total_fp16_skipped,
                 "net": self.net.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None,
                 "phema": self.phema.state_dict() if self.phema else None,
@@ -562,6 +574,7 @@ class Trainer:
             self.step = int(tree["step"])
             self.consecutive_nonfinite = int(tree["consecutive_nonfinite"])
             self.total_nonfinite = int(tree["total_nonfinite"])
+            self.total_fp16_skipped = int(tree.get("total_fp16_skipped", 0))
             self._reset_tick()
             if self.rank == 0:
                 print(f"[sctlib.train] resumed from {path} at {self.nimg} images", file=sys.stderr)
@@ -586,7 +599,7 @@ class Trainer:
             "world_size": self.world,
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor(),
-            "precision": self.precision,
+            "precision": self.precision_rule.describe(),
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
             "seed_rule": "micro-batch seed = seed_for(seed, images seen + global offset of the micro-batch)",
         }
@@ -689,6 +702,7 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
+        scaler = self.scaler if self._select_format() == "fp16" else None  # idle outside fp16 stages
         micro = list(self._microbatches())
         for i, (offset, x0, labels) in enumerate(micro):
             # Seeds derive from (seed, images seen + global position): resumption and any process split
@@ -702,32 +716,39 @@ class Trainer:
                     loss, stats = self.loss_fn(self.ddp, x0, labels, nimg=self.nimg)
                 # Mean over the global batch: DDP averages over processes, hence the factor world.
                 obj = loss.float().sum() * (self.world / cfg.batch_size)
-                if self.scaler is not None:
-                    self.scaler.scale(obj).backward()
+                if scaler is not None:
+                    scaler.scale(obj).backward()
                 else:
                     obj.backward()
             self._accumulate(loss, stats)
 
         params = [p for p in self.net.parameters() if p.grad is not None]
-        if self.scaler is not None:
-            self.scaler.unscale_(self.opt)
+        if scaler is not None:
+            scaler.unscale_(self.opt)
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params]))) \
             if params else torch.zeros((), device=self.device)
         finite = bool(torch.isfinite(norm))  # the one host sync per step: skip decisions need it
         if finite:
             if cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            if self.scaler is not None:
-                self.scaler.step(self.opt)
+            if scaler is not None:
+                scaler.step(self.opt)
             else:
                 self.opt.step()
             self.consecutive_nonfinite = 0
+        elif scaler is not None and scaler.get_scale() >= 1.0:
+            # fp16 overflow while the scaler is still searching for its scale: an expected skip (the
+            # scale halves in update()), counted apart and not towards max_nonfinite_steps. Once the
+            # scale is below 1 the gradients overflow unamplified and count as non-finite steps.
+            self.total_fp16_skipped += 1
+            self.tick_fp16_skipped += 1
+            self.tick_skipped += 1
         else:
             self.consecutive_nonfinite += 1
             self.total_nonfinite += 1
             self.tick_skipped += 1
-        if self.scaler is not None:
-            self.scaler.update()
+        if scaler is not None:
+            scaler.update()
         step_nimg = self.nimg
         self.nimg += cfg.batch_size
         self.step += 1
@@ -760,6 +781,7 @@ class Trainer:
                                            meta={**meta, "weights": "phema", "sigma_rel": s})
             self.write_samples("final")
         return {"nimg": self.nimg, "steps": self.step, "wall_s": wall_s, "skipped_steps": self.total_nonfinite,
+                "fp16_skipped_steps": self.total_fp16_skipped,
                 "last_tick": last_line, "run_dir": str(self.run_dir)}
 
 

@@ -29,7 +29,9 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .edmzip import EDMZipWriter
+from .. import safepickle as _sp
+from ..errors import UserError
+from .edmzip import DataError, EDMZipWriter, open_image_checked
 
 __all__ = [
     "safe_unpickle",
@@ -48,7 +50,7 @@ CIFAR_TEST = ("test_batch",)
 JPEG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A source that cannot be converted; the message names the file and the problem."""
 
 
@@ -58,24 +60,29 @@ class ConversionError(ValueError):
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     # numpy arrays pickle as numpy.(_)core.multiarray._reconstruct + ndarray + dtype (+ scalar for 0-d);
-    # protocol-2 pickles written by Python 3 encode bytes through _codecs.encode.
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-    }
+    # protocol-2 pickles written by Python 3 encode bytes through _codecs.encode. Each is replaced by a
+    # guard (sctlib.safepickle) that checks declared sizes and refuses void/object dtypes, so a tiny file
+    # cannot allocate gigabytes, and that the BUILD opcode cannot modify.
+    _GUARDS = {k: v for k, v in _sp.numpy_globals().items() if k[0] != "builtins" and k[0] != "__builtin__"}
 
     def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
+        if (module, name) in self._GUARDS:
+            return self._GUARDS[(module, name)]
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are expected")
 
 
 def safe_unpickle(data: bytes, *, source: str = "") -> object:
-    """Unpickle bytes that may only contain builtins and numpy arrays (encoding='bytes' for Python-2 files)."""
+    """Unpickle bytes that may only contain builtins and numpy arrays (encoding='bytes' for Python-2 files).
+
+    Arrays are filled only from bytes present in ``data`` (numpy checks the buffer length; the guards
+    refuse any other allocation), so memory stays within a small multiple of ``len(data)``.
+    """
     try:
-        return _NumpyOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except Exception as e:  # truncated data, unknown opcodes, refused classes ...
+        with _sp.use_budget(_sp.MemoryBudget(source or "pickle", len(data), cap=len(data) + (1 << 20))):
+            return _NumpyOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except RecursionError:
+        raise ConversionError(f"{source or 'pickle'}: cannot unpickle (nested too deeply)") from None
+    except Exception as e:  # truncated data, unknown opcodes, refused classes, declared sizes ...
         raise ConversionError(f"{source or 'pickle'}: cannot unpickle ({type(e).__name__}: {e})") from None
 
 
@@ -119,10 +126,20 @@ def _progress(total: Optional[int], desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled)
 
 
-def _check_src(src: PathLike) -> Path:
+def _check_src(src: PathLike, dst: Optional[PathLike] = None) -> Path:
+    """The source as a Path; with ``dst``, also refuse a destination that would overwrite the source or is a
+    directory - checked before anything is read, not after the whole conversion ran."""
     src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"conversion source {str(src)!r} does not exist")
+    if dst is not None:
+        dst = Path(dst)
+        if dst.resolve() == src.resolve() or (dst.exists() and src.is_file() and dst.samefile(src)):
+            raise ConversionError(f"destination {str(dst)!r} is the source itself; write the data set to another file")
+        if dst.is_dir():
+            raise ConversionError(f"destination {str(dst)!r} is a directory; give a .zip file path")
+        if dst.suffix.lower() != ".zip":
+            raise ConversionError(f"destination {str(dst)!r}: EDM data sets are .zip files")
     return src
 
 
@@ -169,8 +186,8 @@ def convert_cifar10(src: PathLike, dst: PathLike, *, split: str = "train", progr
     test_batch. ``max_images`` truncates (for smoke tests).
     """
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    src = _check_src(src)
+        raise ConversionError(f"split must be 'train' or 'test', got {split!r}")
+    src = _check_src(src, dst)
     names = CIFAR_TRAIN if split == "train" else CIFAR_TEST
     with EDMZipWriter(dst, source=str(src)) as w, _progress(len(names) * 10_000, f"cifar10 {split} -> {Path(dst).name}", progress) as bar:
         for source, raw in _cifar_batches(src, names):
@@ -240,8 +257,8 @@ def convert_imagenet64_npz(src: PathLike, dst: PathLike, *, split: str = "train"
     """Downsampled ImageNet 64x64 batches (npz or pickle; a folder, or the Imagenet64_*.zip archives) ->
     EDM zip of 64x64 RGB PNGs, labels shifted from 1..1000 to 0..999, batches in numeric order."""
     if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    src = _check_src(src)
+        raise ConversionError(f"split must be 'train' or 'val', got {split!r}")
+    src = _check_src(src, dst)
     batches = _imagenet64_batches(src, split)
     if not batches:
         want = "train_data_batch_<i>[.npz]" if split == "train" else "val_data[.npz]"
@@ -290,8 +307,8 @@ def convert_image_folder(src: PathLike, dst: PathLike, *, resolution: int = 64, 
     from PIL import Image, UnidentifiedImageError
 
     if resolution < 1 or resolution & (resolution - 1):
-        raise ValueError(f"resolution must be a power of two, got {resolution}")
-    src = _check_src(src)
+        raise ConversionError(f"resolution must be a power of two, got {resolution}")
+    src = _check_src(src, dst)
     if not src.is_dir():
         raise ConversionError(f"{str(src)!r} is not a folder of class sub-folders")
     classes = sorted(p.name for p in src.iterdir() if p.is_dir())
@@ -306,9 +323,11 @@ def convert_image_folder(src: PathLike, dst: PathLike, *, resolution: int = 64, 
     with EDMZipWriter(dst, source=str(src)) as w, _progress(len(files), f"images -> {Path(dst).name}", progress) as bar:
         for f in files:
             try:
-                with Image.open(f) as im:
+                with open_image_checked(f, str(f)) as im:  # pixel cap checked from the header, before decoding
                     im = im.convert("RGB")
-            except (UnidentifiedImageError, OSError) as e:
+            except DataError as e:
+                raise ConversionError(str(e)) from None
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
                 raise ConversionError(f"{str(f)!r}: cannot decode image ({e})") from None
             img = np.asarray(center_crop_dhariwal(im, resolution), dtype=np.uint8)
             w.add(img, label_of[f.relative_to(src).parts[0]], name=str(f))
@@ -345,9 +364,9 @@ def convert_imagenet64(src: PathLike, dst: PathLike, *, split: str = "train", re
                        progress: bool = True, max_images: Optional[int] = None) -> Path:
     """ImageNet 64x64 from whichever source ``src`` is: a folder of class folders of JPEGs (centre-crop
     resize), or downsampled-ImageNet npz/pickle batches (a folder of them, one file, or the part*.zip files)."""
-    src = _check_src(src)
+    src = _check_src(src, dst)
     if src.is_dir() and not _looks_like_batches(src):
         return convert_image_folder(src, dst, resolution=resolution, progress=progress, max_images=max_images)
     if resolution != 64:
-        raise ValueError("the downsampled-ImageNet batches are 64x64; resolution must be 64 for them")
+        raise ConversionError("the downsampled-ImageNet batches are 64x64; resolution must be 64 for them")
     return convert_imagenet64_npz(src, dst, split=split, progress=progress, max_images=max_images)

@@ -78,7 +78,7 @@ class PersistentObject(metaclass=_sp.FrozenMeta):
         self.module_src_sha256 = hashlib.sha256(src.encode("utf-8", "replace")).hexdigest() if isinstance(src, str) else None
         self.state = meta.get("state") if isinstance(meta.get("state"), dict) else {}
 
-    def __setstate__(self, state):
+    def __setstate__(self, state=None):  # state=None: BUILD on the class calls cls.__setstate__(state)
         raise UnsafePickleError("refused: BUILD applied to a persistence record (a real snapshot never does this)")
 
     def __repr__(self):
@@ -93,7 +93,7 @@ class TorchModuleStub(metaclass=_sp.FrozenMeta):
     def __init__(self, *args, **kwargs):  # NEWOBJ / protocol-0 INST may pass arguments; ignore them
         self.state = {}
 
-    def __setstate__(self, state):
+    def __setstate__(self, state=None):  # state=None: BUILD on the class calls cls.__setstate__(state)
         if not isinstance(self, TorchModuleStub):  # BUILD on the class itself: pickle calls cls.__setstate__(state)
             raise UnsafePickleError("refused: BUILD applied to a module class")
         self.state = state if isinstance(state, dict) else {}
@@ -122,7 +122,7 @@ class Unresolved(metaclass=_sp.FrozenMeta):
     def __init__(self, obj, name):
         self.name = str(name) if isinstance(name, str) else "?"
 
-    def __setstate__(self, state):
+    def __setstate__(self, state=None):  # state=None: BUILD on the class calls cls.__setstate__(state)
         raise UnsafePickleError("refused: BUILD applied to a getattr placeholder")
 
     def __repr__(self):
@@ -538,6 +538,10 @@ def state_dict_from_pickle(path, which: str = "auto"):
     top, container = read_snapshot(path)
     try:
         return _state_dict_from_top(path, top, container, which)
+    except ConvertError as e:  # name the file in every message
+        if str(path) in str(e):
+            raise
+        raise type(e)(_with_path(e, path)) from None
     except UserError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as e:
@@ -666,6 +670,13 @@ def convert(src, dst_dir, *, which: str = "auto", name: str = "model") -> dict:
     if dst_dir.resolve() == src.resolve() or src.resolve() in (dst_dir.resolve() / f"{name}.safetensors",
                                                                dst_dir.resolve() / f"{name}.json"):
         raise ConvertError(f"destination {dst_dir} would overwrite the source {src}")
+    anc = dst_dir  # the destination is checked before the (possibly long) conversion runs
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ConvertError(f"destination {dst_dir}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK):
+        raise PermissionError(13, "destination folder is not writable", str(anc))
     model, info = load_edm_pickle(src, which=which)
     h = hashlib.sha256()
     with open(src, "rb") as f:

@@ -621,3 +621,34 @@ def test_zip_member_declaring_a_huge_size_is_refused(tmp_path, monkeypatch):
         zf.writestr("00000/img00000000.png", b"\0" * 10_001)
     with pytest.raises(edmzip.DataError, match="declares"):
         edmzip.EDMZipDataset(z)
+
+
+def test_compressed_batches_that_expand_without_bound_are_refused(tmp_path, monkeypatch, capsys):
+    """Imagenet64 part zips, npz batches and the CIFAR tar.gz: sizes checked before decompressing (the
+    thresholds are lowered so that the test archives stay small; the checks are the same)."""
+    import tarfile
+
+    from sctlib.data import convert as dcv
+    from sctlib.data.__main__ import main
+
+    monkeypatch.setattr(dcv, "RATIO_FROM_BYTES", 10_000)
+    part = tmp_path / "Imagenet64_train_part1.zip"
+    with zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("train_data_batch_1", b"\0" * 1_000_000)  # expands ~1000x
+    assert main(["convert", "imagenet64", str(part), str(tmp_path / "o.zip"), "--no-progress"]) == 2
+    _one_line_error(capsys.readouterr().err, "train_data_batch_1", "decompression bomb")
+    npz = tmp_path / "batches" / "train_data_batch_1.npz"
+    npz.parent.mkdir()
+    np.savez_compressed(npz, data=np.zeros((100, 3 * 64 * 64), np.uint8), labels=np.ones(100, np.int64))
+    assert main(["convert", "imagenet64", str(npz.parent), str(tmp_path / "o.zip"), "--no-progress"]) == 2
+    _one_line_error(capsys.readouterr().err, "train_data_batch_1.npz", "decompression bomb")
+    monkeypatch.setattr(dcv, "MAX_CIFAR_MEMBER_BYTES", 1000)
+    tgz = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tf:
+        for n in dcv.CIFAR_TRAIN:
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{n}")
+            info.size = 5000
+            tf.addfile(info, io.BytesIO(b"\0" * 5000))
+    assert main(["convert", "cifar10", str(tgz), str(tmp_path / "o.zip"), "--no-progress"]) == 2
+    _one_line_error(capsys.readouterr().err, "data_batch_1", "cap")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([part.name, "batches", tgz.name])

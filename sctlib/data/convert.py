@@ -54,6 +54,28 @@ class ConversionError(UserError, ValueError):
     """A source that cannot be converted; the message names the file and the problem."""
 
 
+# Bounds on what a compressed member may expand to, checked from the archive's directory before anything is
+# decompressed. A CIFAR-10 batch is 31 MB; a downsampled-ImageNet train batch is ~1.5 GB and compresses by
+# less than 2x, while a decompression bomb expands by 100-1000x.
+MAX_CIFAR_MEMBER_BYTES = 256 << 20
+MAX_BATCH_BYTES = 4 << 30
+MAX_RATIO = 50
+RATIO_FROM_BYTES = 64 << 20  # the ratio check applies to members larger than this
+
+
+def _check_member_size(name: str, size: int, compressed: int, where: str, cap: int = MAX_BATCH_BYTES) -> None:
+    if size > cap:
+        raise ConversionError(f"{where}: member {name!r} declares {size:,} bytes, over the {cap:,}-byte cap; refused")
+    if size > RATIO_FROM_BYTES and size > MAX_RATIO * max(compressed, 1):
+        raise ConversionError(f"{where}: member {name!r} would expand {size / max(compressed, 1):.0f}x "
+                              f"({compressed:,} -> {size:,} bytes); refused as a decompression bomb")
+
+
+def _check_zip_members(z: zipfile.ZipFile, where: str) -> None:
+    for info in z.infolist():
+        _check_member_size(info.filename, info.file_size, info.compress_size, where)
+
+
 # ------------------------------------------------------------------------------------------------
 # Safe reading of the pickled batches
 
@@ -171,6 +193,8 @@ def _cifar_batches(src: Path, names: Sequence[str]) -> Iterator[Tuple[str, bytes
             if n not in members:
                 raise ConversionError(f"{str(src)!r} has no member {n!r}: expected cifar-10-batches-py/{n} "
                                       f"(the official cifar-10-python.tar.gz)")
+            # a tar.gz member's size is only declared in its header: cap it before reading
+            _check_member_size(members[n].name, members[n].size, 1 << 62, str(src), cap=MAX_CIFAR_MEMBER_BYTES)
             try:
                 data = tf.extractfile(members[n]).read()
             except (tarfile.TarError, OSError, EOFError, zipfile.BadZipFile) as e:
@@ -209,8 +233,12 @@ _BATCH_RE = re.compile(r"(train|val)_data(?:_batch_(\d+))?(\.npz)?$")
 def _load_batch_bytes(raw: bytes, source: str):
     if raw[:2] == b"PK":  # .npz (a zip of .npy files); allow_pickle off: 'data'/'labels' are plain arrays
         try:
+            with zipfile.ZipFile(io.BytesIO(raw)) as zz:
+                _check_zip_members(zz, source)
             with np.load(io.BytesIO(raw), allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
+        except ConversionError:
+            raise
         except Exception as e:
             raise ConversionError(f"{source}: cannot read npz ({type(e).__name__}: {e})") from None
     return safe_unpickle(raw, source=source)
@@ -229,6 +257,7 @@ def _imagenet64_batches(src: Path, split: str) -> List[Tuple[str, Callable[[], b
         try:
             zf = zipfile.ZipFile(zpath)
             infos = zf.infolist()
+            _check_zip_members(zf, str(zpath))
         except (zipfile.BadZipFile, OSError) as e:
             raise ConversionError(f"{str(zpath)!r} is not a valid zip archive (corrupt or truncated?): {e}") from None
         for info in infos:

@@ -154,16 +154,28 @@ def flatten(d: dict, prefix: str = "") -> Dict[str, object]:
 
 
 def compare_configs(old: dict, new: dict, *, resumable: Iterable[str], allow_change: bool,
-                    where: str) -> Dict[str, Tuple[object, object]]:
+                    where: str, defaults: Optional[dict] = None) -> Dict[str, Tuple[object, object]]:
     """Changed keys (dotted) between the stored and the requested config, excluding ``resumable`` ones.
 
-    Raises :class:`RunDirError` if something changed and ``allow_change`` is False, or if a network-shape
-    key changed (never loadable). Returns ``{key: (old, new)}``.
+    A key the stored config lacks (a setting added to sctlib after the run started) counts as unchanged
+    when the requested value is the current default (``defaults``); a key only the stored config has (a
+    setting since removed) is ignored. Raises :class:`RunDirError` if something changed and
+    ``allow_change`` is False, or if a network-shape key changed (never loadable). Returns
+    ``{key: (old, new)}``.
     """
     resumable = set(resumable)
     fo, fn = flatten(old), flatten(new)
-    diff = {k: (fo.get(k), fn.get(k)) for k in sorted(set(fo) | set(fn))
-            if fo.get(k) != fn.get(k) and k.split(".")[0] not in resumable and k not in resumable}
+    fd = flatten(defaults or {})
+    missing = object()
+
+    def changed(k):
+        if k not in fn:
+            return False
+        before = fo.get(k, fd.get(k, missing))
+        return before != fn[k]
+
+    diff = {k: (fo.get(k), fn.get(k)) for k in sorted(fn)
+            if changed(k) and k.split(".")[0] not in resumable and k not in resumable}
     if not diff:
         return diff
     show = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(diff.items())[:6]) + (" ..." if len(diff) > 6 else "")

@@ -568,7 +568,8 @@ class Trainer:
             raise rundir.RunDirError(f"{path} records no config, so it cannot be checked against this one; add "
                                      "--change-config to resume from it anyway, or use a new --run-dir")
         diff = rundir.compare_configs(stored, config_mod.to_dict(self.cfg), resumable=RESUMABLE_KEYS,
-                                      allow_change=self.allow_config_change, where=str(self.run_dir))
+                                      allow_change=self.allow_config_change, where=str(self.run_dir),
+                                      defaults=config_mod.to_dict(TrainConfig()))
         return {k: list(v) for k, v in diff.items()}
 
     def _nonfinite_message(self, step_nimg: int) -> str:

@@ -652,3 +652,13 @@ def test_compressed_batches_that_expand_without_bound_are_refused(tmp_path, monk
     assert main(["convert", "cifar10", str(tgz), str(tmp_path / "o.zip"), "--no-progress"]) == 2
     _one_line_error(capsys.readouterr().err, "data_batch_1", "cap")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([part.name, "batches", tgz.name])
+
+
+def test_settings_added_after_a_run_started_do_not_block_its_resume():
+    new = {"optim": {"lr": 1e-3}, "added": {"knob": 1}}
+    defaults = {"optim": {"lr": 5e-4}, "added": {"knob": 1}}
+    stored = {"optim": {"lr": 1e-3}, "removed": 3}  # written before 'added.knob' existed, when 'removed' did
+    assert rundir.compare_configs(stored, new, resumable=(), allow_change=False, where="r", defaults=defaults) == {}
+    with pytest.raises(rundir.RunDirError, match="added.knob"):  # a non-default value is a change
+        rundir.compare_configs(stored, {**new, "added": {"knob": 2}}, resumable=(), allow_change=False, where="r",
+                               defaults=defaults)

@@ -28,6 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .errors import UserError
+
 __all__ = ["save_tree", "load_tree", "read_tree_meta", "save_model", "load_model", "model_paths", "git_sha",
            "CheckpointError", "FORMAT_VERSION"]
 
@@ -37,7 +39,7 @@ _TREE_KEY, _META_KEY, _KIND_KEY = "sctlib.tree", "sctlib.meta", "sctlib.kind"
 PathLike = Union[str, os.PathLike]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, malformed, or does not fit the network it is loaded into."""
 
 
@@ -62,11 +64,18 @@ def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:  # disk full, quota, I/O error: name the file being written
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        except Exception as e:
+            if type(e).__name__ != "SafetensorError":  # safetensors reports its I/O errors with its own type
+                raise
+            raise OSError(getattr(e, "errno", None) or 5, f"cannot write ({e})", str(path)) from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -258,7 +267,18 @@ def load_model(path: PathLike, map_location: Union[str, torch.device] = "cpu"):
     cfg = from_dict(NetConfig, info["net_config"])
     with torch.device("meta"):  # shapes only; real storage comes from the file (no double allocation)
         model = build_network(cfg)
-    _read_metadata(st_path)  # clear error for truncated / foreign files before loading
+    md = _read_metadata(st_path)  # clear error for truncated / foreign files before loading
+    # The .safetensors embeds the JSON it was written with: a pair torn by a kill between the two writes
+    # (new weights beside an older .json, or the reverse) is refused instead of loaded with the wrong config.
+    embedded = md.get("sctlib.info")
+    if embedded is not None:
+        try:
+            same = json.loads(embedded) == info
+        except json.JSONDecodeError:
+            same = False
+        if not same:
+            raise CheckpointError(f"{st_path} and {json_path} do not belong together (a write was interrupted "
+                                  "between them); re-run the command that wrote them")
     sd = load_file(str(st_path), device=str(map_location))
     model = model.to_empty(device=map_location)
     _strict_load(model, sd, str(st_path))

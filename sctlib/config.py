@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Tuple
+
+from .errors import UserError
 
 __all__ = [
     "NetConfig",
@@ -30,10 +33,11 @@ __all__ = [
     "to_dict",
     "from_dict",
     "ConfigError",
+    "validate",
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad preset name, override key or value; the message lists the valid choices."""
 
 
@@ -314,7 +318,7 @@ def _coerce(value: Any, tp, where: str):
             if not isinstance(value, str):
                 raise ValueError(value)
             return value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int('inf')
         raise ConfigError(f"{where}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
     return value
 
@@ -369,3 +373,82 @@ def from_dict(cls, d: dict):
         tp = types[k]
         kwargs[k] = from_dict(tp, v) if is_dataclass(tp) else _coerce(v, tp, f"{cls.__name__}.{k}")
     return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Value validation (names and types are checked by override/from_dict; these are the ranges).
+
+_DATASETS = ("digits", "digits-pad", "edmzip", "cifar10", "imagenet64")  # plus 'toy2d-<mixture>'
+
+
+def _check(ok: bool, key: str, value, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def _finite_floats(cfg, prefix: str = "") -> None:
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if is_dataclass(v):
+            _finite_floats(v, key + ".")
+        for x in (v if isinstance(v, tuple) else (v,)):
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ConfigError(f"{key}={v!r}: must be a finite number")
+
+
+def validate(cfg: "TrainConfig") -> "TrainConfig":
+    """Check the values of a training config; raise :class:`ConfigError` naming the key. Returns ``cfg``.
+
+    Only ranges and closed choices are checked here (names and types are checked on override); settings
+    whose choices belong to other modules (``precision``, loss schedules, reference sources) are checked
+    where they are used.
+    """
+    _finite_floats(cfg)
+    n, lo, o, e = cfg.net, cfg.loss, cfg.optim, cfg.eval
+    _check(cfg.dataset in _DATASETS or (cfg.dataset.startswith("toy2d-") and len(cfg.dataset) > 6), "dataset",
+           cfg.dataset, f"unknown data set; valid: {', '.join(_DATASETS)}, toy2d-<mixture>")
+    _check(cfg.device in ("auto", "cpu", "cuda"), "device", cfg.device, "must be 'auto', 'cpu' or 'cuda'")
+    _check(0 <= cfg.seed < 2**63, "seed", cfg.seed, "must be in [0, 2^63)")
+    _check(cfg.total_nimg > 0, "total_nimg", cfg.total_nimg, "must be > 0")
+    _check(cfg.batch_size > 0, "batch_size", cfg.batch_size, "must be > 0")
+    _check(cfg.batch_gpu >= 0, "batch_gpu", cfg.batch_gpu, "must be >= 0 (0 = batch_size / processes)")
+    for key in ("tick_nimg", "checkpoint_nimg", "sample_nimg", "ema_halflife_nimg", "workers", "data_resolution"):
+        _check(getattr(cfg, key) >= 0, key, getattr(cfg, key), "must be >= 0")
+    _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints,
+           "must be >= 1 (the newest checkpoint is what a resume needs)")
+    _check(cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps", cfg.max_nonfinite_steps, "must be >= 1")
+    _check(cfg.ema_rampup_ratio >= 0, "ema_rampup_ratio", cfg.ema_rampup_ratio, "must be >= 0")
+    _check(all(0 < s < 1 for s in cfg.phema_stds), "phema_stds", cfg.phema_stds, "each sigma_rel must be in (0, 1)")
+    # network
+    _check(n.arch in ("ddpmpp", "edm2", "mlp"), "net.arch", n.arch, "must be 'ddpmpp', 'edm2' or 'mlp'")
+    for key in ("img_resolution", "img_channels", "model_channels"):
+        _check(getattr(n, key) > 0, f"net.{key}", getattr(n, key), "must be > 0")
+    for key in ("label_dim", "num_blocks", "dropout_res"):
+        _check(getattr(n, key) >= 0, f"net.{key}", getattr(n, key), "must be >= 0")
+    _check(all(m > 0 for m in n.channel_mult), "net.channel_mult", n.channel_mult, "multipliers must be > 0")
+    _check(0 <= n.dropout < 1, "net.dropout", n.dropout, "a probability in [0, 1)")
+    _check(n.sigma_data > 0, "net.sigma_data", n.sigma_data, "must be > 0")
+    _check(n.sigma_min > 0, "net.sigma_min", n.sigma_min, "must be > 0")
+    _check(n.boundary in ("never", "eval", "always"), "net.boundary", n.boundary, "must be 'never', 'eval' or 'always'")
+    # loss
+    _check(lo.task in ("edm", "ect", "sct"), "loss.task", lo.task, "must be 'edm', 'ect' or 'sct'")
+    _check(lo.P_std > 0, "loss.P_std", lo.P_std, "must be > 0")
+    _check(lo.ref_size >= 0, "loss.ref_size", lo.ref_size, "must be >= 0")
+    _check(lo.ref_chunk > 0, "loss.ref_chunk", lo.ref_chunk, "must be > 0")
+    _check(lo.c >= 0, "loss.c", lo.c, "must be >= 0")
+    # optimizer
+    _check(o.name in ("adam", "radam"), "optim.name", o.name, "must be 'adam' or 'radam'")
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "two values in [0, 1)")
+    _check(o.eps > 0, "optim.eps", o.eps, "must be > 0")
+    _check(o.lr_schedule in ("constant", "inv_sqrt"), "optim.lr_schedule", o.lr_schedule, "'constant' or 'inv_sqrt'")
+    _check(o.lr_ref_nimg > 0, "optim.lr_ref_nimg", o.lr_ref_nimg, "must be > 0")
+    _check(o.lr_rampup_nimg >= 0, "optim.lr_rampup_nimg", o.lr_rampup_nimg, "must be >= 0")
+    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = off)")
+    # evaluation
+    _check(e.t_max > 0, "eval.t_max", e.t_max, "must be > 0")
+    _check(all(0 < t < e.t_max for t in e.mid_t), "eval.mid_t", e.mid_t, "each must be in (0, eval.t_max)")
+    _check(e.num_samples > 0, "eval.num_samples", e.num_samples, "must be > 0")
+    _check(e.every_nimg >= 0, "eval.every_nimg", e.every_nimg, "must be >= 0")
+    return cfg

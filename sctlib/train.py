@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -35,8 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoints, config as config_mod, data as data_mod, schedules
+from . import checkpoints, config as config_mod, data as data_mod, rundir, schedules
 from .config import ConfigError, TrainConfig
+from .errors import UserError, cli_main
 from .ema import EMA, PowerFunctionEMA
 from .losses import build_loss
 from .networks import build_network
@@ -65,7 +67,7 @@ RESUMABLE_KEYS = {"total_nimg", "checkpoint_nimg", "keep_checkpoints", "sample_n
 CKPT_RE = re.compile(r"^ckpt-(\d{12})\.safetensors$")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Raised after ``max_nonfinite_steps`` consecutive steps with non-finite loss or gradients."""
 
 
@@ -122,7 +124,7 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda was requested but CUDA is not available; use device=cpu")
+            raise ConfigError("device='cuda': CUDA is not available on this machine; use device=cpu (or auto)")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     if name == "cpu":
@@ -146,11 +148,16 @@ def _is_dist() -> bool:
 # ------------------------------------------------------------------------------------------------
 # Initial weights.
 
-def _init_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """State dict of an init source: a run dir, our .safetensors, a training checkpoint, or a foreign pickle."""
+def _init_state_dict(path: str, ema: bool = True) -> Dict[str, torch.Tensor]:
+    """State dict of an init source: a run dir, our .safetensors, a training checkpoint, or a foreign pickle.
+
+    ``ema`` (``init_ema``): the EMA weights where the source has them, else the online (raw) weights.
+    """
     p = Path(path)
     if p.is_dir():
         cand = p / "final.safetensors"
+        if not ema and (p / "final_net.safetensors").exists():
+            cand = p / "final_net.safetensors"  # final.* holds the EMA when the run had one
         if not cand.exists():
             ck = latest_checkpoint(p / "checkpoints")
             if ck is None:
@@ -166,11 +173,11 @@ def _init_state_dict(path: str) -> Dict[str, torch.Tensor]:
     if p.suffix in (".pkl", ".pt"):
         from .convert import state_dict_from_pickle
 
-        sd, _info = state_dict_from_pickle(str(p))
+        sd, _info = state_dict_from_pickle(str(p), which="auto" if ema else "net")
         return sd
     if CKPT_RE.match(p.name):
         tree = checkpoints.load_tree(str(p))
-        return tree.get("ema") or tree["net"]
+        return (tree.get("ema") if ema else None) or tree["net"]
     from safetensors.torch import load_file
 
     return load_file(str(p))
@@ -216,9 +223,15 @@ class Trainer:
     """Holds the state of one run; :meth:`run` trains to ``cfg.total_nimg`` (resuming if possible)."""
 
     def __init__(self, cfg: TrainConfig, run_dir, *, progress: bool = True,
-                 eval_fn: Optional[Callable[[nn.Module, int], dict]] = None, dataset=None):
+                 eval_fn: Optional[Callable[[nn.Module, int], dict]] = None, dataset=None,
+                 allow_config_change: bool = False, command: Optional[str] = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        # --change-config: resume with settings that differ from the checkpoint's (recorded in history.jsonl)
+        self.allow_config_change = allow_config_change
+        self.command = command  # the CLI command line, for the resume advice of NonFiniteError
+        self.last_checkpoint: Optional[Path] = None  # newest checkpoint written or resumed from
+        self.streak_start_nimg: Optional[int] = None
         self.progress = progress
         self.eval_fn = eval_fn
         self.rank, self.world, self.local_rank = _dist_env()
@@ -244,7 +257,7 @@ class Trainer:
         torch.manual_seed(seed_for(cfg.seed, 0xC0FFEE))  # initial weights
         self.net = build_network(cfg.net).to(self.device).train()
         if cfg.init:
-            sd = _init_state_dict(cfg.init)
+            sd = _init_state_dict(cfg.init, ema=cfg.init_ema)
             self._load_weights(self.net, sd, f"init {cfg.init}")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
@@ -298,6 +311,7 @@ class Trainer:
     # -- configuration -------------------------------------------------------------------------
     def _check_config(self) -> None:
         cfg = self.cfg
+        config_mod.validate(cfg)
         if cfg.batch_size <= 0 or cfg.batch_size % self.world:
             raise ConfigError(f"batch_size={cfg.batch_size} must be a positive multiple of the {self.world} processes")
         per_rank = cfg.batch_size // self.world
@@ -432,15 +446,18 @@ class Trainer:
                 dist.all_reduce(v)
         vals = {k: v.cpu().numpy() for k, v in a.items()}
         dt = max(time.time() - self.tick_start_time, 1e-9)
-        n = max(vals["count"].item(), 1.0)
+        n_finite = int(vals["count"].item())
+        n = max(n_finite, 1.0)
         mean = vals["loss_sum"].item() / n
         res_n = np.maximum(vals["res_n"], 1.0)
         res_mean = vals["res_sum"] / res_n
         line = {
             "nimg": self.nimg,
             "step": self.step,
-            "loss": mean,
-            "loss_std": math.sqrt(max(vals["loss_sq"].item() / n - mean * mean, 0.0)),
+            # mean over the finite losses only; None (not 0.0) when a tick had none, e.g. inside a streak
+            "loss": mean if n_finite else None,
+            "loss_std": math.sqrt(max(vals["loss_sq"].item() / n - mean * mean, 0.0)) if n_finite else None,
+            "loss_count": n_finite,
             "img_per_s": (self.nimg - self.tick_start_nimg) / dt,
             "lr": self.opt.param_groups[0]["lr"],
             "stage_exponent": float(self.loss_fn.stage(self.nimg)) if hasattr(self.loss_fn, "stage") else None,
@@ -509,6 +526,7 @@ class Trainer:
             # The main file is written last: it is the commit marker of this checkpoint.
             checkpoints.save_tree(str(path), tree, meta={"config": config_mod.to_dict(self.cfg), "git": _git_sha()})
             self._prune(d)
+        self.last_checkpoint = path
         if self.world > 1:
             import torch.distributed as dist
 
@@ -530,7 +548,7 @@ class Trainer:
 
     def _prune(self, d: Path) -> None:
         found = sorted(p for p in d.iterdir() if CKPT_RE.match(p.name))
-        for old in found[: max(len(found) - self.cfg.keep_checkpoints, 0)]:
+        for old in found[: max(len(found) - max(self.cfg.keep_checkpoints, 1), 0)]:  # never the newest
             stem = old.name[: -len(".safetensors")]
             for p in d.glob(stem + ".*"):
                 p.unlink(missing_ok=True)
@@ -545,6 +563,14 @@ class Trainer:
                 stale.unlink(missing_ok=True)
         cands = sorted((p for p in d.iterdir() if CKPT_RE.match(p.name)), reverse=True)
         for path in cands:
+            try:
+                stored = checkpoints.read_tree_meta(str(path)).get("config")
+            except Exception as exc:  # noqa: BLE001 - an unreadable file is skipped, loudly
+                print(f"[sctlib.train] skipping unreadable checkpoint {path.name}: {exc}", file=sys.stderr)
+                continue
+            # The run's config is compared before a single tensor is loaded (a different network would
+            # otherwise fail with a raw size mismatch, and a different lr would resume silently).
+            changed = self._compare_config(stored, path)
             try:
                 tree = checkpoints.load_tree(str(path), map_location=self.device)
                 if self.world > 1:
@@ -576,10 +602,46 @@ class Trainer:
             self.total_nonfinite = int(tree["total_nonfinite"])
             self.total_fp16_skipped = int(tree.get("total_fp16_skipped", 0))
             self._reset_tick()
+            self.last_checkpoint = path
             if self.rank == 0:
-                print(f"[sctlib.train] resumed from {path} at {self.nimg} images", file=sys.stderr)
+                rundir.append_history(self.run_dir, {"event": "resume", "nimg": self.nimg, "checkpoint": path.name,
+                                                     **({"changed": changed} if changed else {})})
+                print(f"[sctlib.train] resumed from {path} at {self.nimg} images"
+                      + (f" with changed settings {changed}" if changed else ""), file=sys.stderr)
             return True
         return False
+
+    def _compare_config(self, stored: Optional[dict], path: Path) -> dict:
+        """Changed (non-resumable) keys vs the checkpoint's config; raises unless ``allow_config_change``."""
+        if stored is None:  # a checkpoint without a stored config: fall back to config.json
+            cj = self.run_dir / "config.json"
+            stored = json.loads(cj.read_text()).get("config") if cj.is_file() else None
+        if not isinstance(stored, dict):
+            if self.allow_config_change:
+                return {}
+            raise rundir.RunDirError(f"{path} records no config, so it cannot be checked against this one; add "
+                                     "--change-config to resume from it anyway, or use a new --run-dir")
+        diff = rundir.compare_configs(stored, config_mod.to_dict(self.cfg), resumable=RESUMABLE_KEYS,
+                                      allow_change=self.allow_config_change, where=str(self.run_dir),
+                                      defaults=config_mod.to_dict(TrainConfig()))
+        return {k: list(v) for k, v in diff.items()}
+
+    def _nonfinite_message(self, step_nimg: int) -> str:
+        """Where the streak started, the newest checkpoint before it and the command that resumes from it."""
+        cfg = self.cfg
+        head = (f"{self.consecutive_nonfinite} consecutive steps with non-finite loss or gradients (images "
+                f"{self.streak_start_nimg}..{self.nimg}, the last at step {self.step - 1})")
+        lower = f"optim.lr={cfg.optim.lr / 4:g}"
+        if self.last_checkpoint is None:
+            return (f"{head}; no checkpoint was written before the streak, so start over in a new --run-dir with a "
+                    f"lower learning rate ({lower}), precision=fp32, or check the data")
+        if self.command:
+            cmd = f"{self.command} {lower} --change-config"
+        else:
+            cmd = (f"python -m sctlib.train --preset {cfg.name} --run-dir {shlex.quote(str(self.run_dir))} "
+                   f"<your overrides> {lower} --change-config")
+        return (f"{head}; the newest checkpoint before the streak is {self.last_checkpoint}. To resume from it with "
+                f"a lower learning rate (or precision=fp32): {cmd}")
 
     # -- config record -------------------------------------------------------------------------
     def _write_config(self) -> None:
@@ -589,7 +651,7 @@ class Trainer:
             old = json.loads(path.read_text()).get("config", {})
             diff = sorted(k for k in set(old) | set(resolved)
                           if old.get(k) != resolved.get(k) and k not in RESUMABLE_KEYS)
-            if diff and latest_checkpoint(self._ckpt_dir()) is not None:
+            if diff and latest_checkpoint(self._ckpt_dir()) is not None and not self.allow_config_change:
                 raise ConfigError(
                     f"{self.run_dir} holds a run with a different config (keys {diff}); resume with the same "
                     f"settings or use a new --run-dir")
@@ -643,9 +705,21 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
+        """Train to ``cfg.total_nimg`` holding the run directory's lock (one run per directory)."""
+        lock = rundir.RunLock(self.run_dir) if self.rank == 0 else contextlib.nullcontext()
+        if self.rank != 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        with lock:
+            if self.rank == 0:
+                rundir.clean_stale_tmp(self.run_dir)  # temp files of a writer killed mid-write
+            return self._run()
+
+    def _run(self) -> dict:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.try_resume()
+        if self.rank == 0:
+            for log in ("stats.jsonl", "evals.jsonl"):  # ticks replayed after the resume point are written again
+                rundir.truncate_jsonl(self.run_dir / log, self.nimg)
         if self.rank == 0:
             self._write_config()
         if not resumed and self.rank == 0:
@@ -681,7 +755,8 @@ class Trainer:
                 at = int(round(frac * cfg.total_nimg))
                 if prev < at <= self.nimg:
                     self.save_snapshot(frac)
-            if crossed(cfg.checkpoint_nimg) or done:
+            # never inside a non-finite streak: the checkpoint named by NonFiniteError is the one before it
+            if (crossed(cfg.checkpoint_nimg) or done) and self.consecutive_nonfinite == 0:
                 self.save_checkpoint()
         if pbar is not None:
             pbar.close()
@@ -744,6 +819,8 @@ class Trainer:
             self.tick_fp16_skipped += 1
             self.tick_skipped += 1
         else:
+            if self.consecutive_nonfinite == 0:
+                self.streak_start_nimg = self.nimg
             self.consecutive_nonfinite += 1
             self.total_nonfinite += 1
             self.tick_skipped += 1
@@ -753,10 +830,7 @@ class Trainer:
         self.nimg += cfg.batch_size
         self.step += 1
         if not finite and self.consecutive_nonfinite >= cfg.max_nonfinite_steps:
-            raise NonFiniteError(
-                f"{self.consecutive_nonfinite} consecutive steps with non-finite loss or gradients, the last at "
-                f"step {self.step - 1} (images {step_nimg}..{self.nimg}); the last good checkpoint is in "
-                f"{self._ckpt_dir()}. Lower the learning rate, use precision=fp32, or check the data.")
+            raise NonFiniteError(self._nonfinite_message(step_nimg))
         if self.ema:
             self.ema.update(self.net, self.nimg, cfg.batch_size)
         if self.phema:
@@ -822,13 +896,17 @@ def _scatter_png(rows, path: Path, data: Optional[torch.Tensor]) -> None:
 
 
 def train(cfg: TrainConfig, run_dir, *, progress: bool = True,
-          eval_fn: Optional[Callable[[nn.Module, int], dict]] = None, dataset=None) -> dict:
+          eval_fn: Optional[Callable[[nn.Module, int], dict]] = None, dataset=None,
+          allow_config_change: bool = False, command: Optional[str] = None) -> dict:
     """Train (or resume) one run into ``run_dir``; returns a summary dict.
 
     ``eval_fn(model, nimg) -> dict`` is called every ``cfg.eval.every_nimg`` images and at the end (results in
-    ``evals.jsonl``); ``dataset`` replaces the one named by ``cfg.dataset``.
+    ``evals.jsonl``); ``dataset`` replaces the one named by ``cfg.dataset``. A run directory holds one run:
+    resuming with different settings is refused unless ``allow_config_change`` (CLI ``--change-config``),
+    and then recorded in ``history.jsonl``.
     """
-    return Trainer(cfg, run_dir, progress=progress, eval_fn=eval_fn, dataset=dataset).run()
+    return Trainer(cfg, run_dir, progress=progress, eval_fn=eval_fn, dataset=dataset,
+                   allow_config_change=allow_config_change, command=command).run()
 
 
 def launch(preset: str, run_dir, overrides=(), *, nproc: int = 1, progress: bool = True) -> dict:
@@ -872,13 +950,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--change-config", action="store_true",
+                   help="resume a run with settings that differ from its checkpoint (e.g. a lower lr after a "
+                        "blow-up); the change is recorded in the run's history.jsonl")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
 
 
 def resolve_config(preset: str, overrides) -> TrainConfig:
     cfg = config_mod.get_preset(preset)
-    return config_mod.override(cfg, **config_mod.parse_overrides(overrides))
+    return config_mod.validate(config_mod.override(cfg, **config_mod.parse_overrides(overrides)))
 
 
 def main(argv=None) -> int:
@@ -887,19 +968,24 @@ def main(argv=None) -> int:
         for name in sorted(config_mod.PRESETS):
             print(name)
         return 0
-    try:
-        if not args.preset:
-            raise ConfigError("--preset is required; valid presets: " + ", ".join(sorted(config_mod.PRESETS)))
-        cfg = resolve_config(args.preset, args.overrides)
-        if args.print_config:
-            print(json.dumps(config_mod.to_dict(cfg), indent=2))
-            return 0
-        if not args.run_dir:
-            raise ConfigError("--run-dir is required")
-        summary = train(cfg, args.run_dir, progress=not args.no_progress)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # Expected failures (bad keys or values, files, run directory, non-finite streak, full disk) are one
+    # line on stderr with exit code 2 (sctlib.errors.cli_main).
+    return cli_main(lambda: _main(args))
+
+
+def _main(args) -> int:
+    if not args.preset:
+        raise ConfigError("--preset is required; valid presets: " + ", ".join(sorted(config_mod.PRESETS)))
+    cfg = resolve_config(args.preset, args.overrides)
+    if args.print_config:
+        print(json.dumps(config_mod.to_dict(cfg), indent=2))
+        return 0
+    if not args.run_dir:
+        raise ConfigError("--run-dir is required")
+    command = shlex.join(["python", "-m", "sctlib.train", "--preset", args.preset, "--run-dir", args.run_dir,
+                          *args.overrides] + (["--no-progress"] if args.no_progress else []))
+    summary = train(cfg, args.run_dir, progress=not args.no_progress, allow_config_change=args.change_config,
+                    command=command)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "last_tick"}))
     if _is_dist():

@@ -39,36 +39,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     i.add_argument("zip")
     args = ap.parse_args(argv)
 
+    from ..errors import cli_main
+
+    return cli_main(lambda: _main(args))
+
+
+def _main(args) -> int:
     from . import convert as cv
     from .edmzip import EDMZipDataset
 
-    try:
-        if args.cmd == "convert":
-            kw = dict(progress=not args.no_progress, max_images=args.max_images)
-            if args.dataset == "cifar10":
-                out = cv.convert_cifar10(args.src, args.dst, split=args.split or "train", **kw)
-            elif args.dataset == "imagenet64":
-                out = cv.convert_imagenet64(args.src, args.dst, split=args.split or "train", resolution=args.resolution, **kw)
-            else:
-                out = cv.convert_image_folder(args.src, args.dst, resolution=args.resolution, **kw)
-            ds = EDMZipDataset(out, cache=False)
-            print(f"wrote {out}: {ds.num_images} images of shape {ds.shape}, {ds.num_classes} classes")
-        elif args.cmd == "natural":
-            from .natural import DEFAULT_CROPS_PER_PHOTO, build_natural
-
-            info = build_natural(args.dst, args.resolution, seed=args.seed,
-                                 crops_per_photo=args.crops_per_photo or DEFAULT_CROPS_PER_PHOTO,
-                                 labels=not args.no_labels, verify=not args.no_verify,
-                                 progress=not args.no_progress)
-            print(f"wrote {info['path']}: {info['num_images']} images {info['resolution']}x{info['resolution']}x3, "
-                  f"{info['num_classes']} classes, sha256 {info['sha256']}"
-                  + (" (verified)" if info["verified"] else " (no recorded hash for these settings)"))
+    # expected failures become one line on stderr, exit code 2 (sctlib.errors.cli_main)
+    if args.cmd == "convert":
+        kw = dict(progress=not args.no_progress, max_images=args.max_images)
+        if args.dataset == "cifar10":
+            out = cv.convert_cifar10(args.src, args.dst, split=args.split or "train", **kw)
+        elif args.dataset == "imagenet64":
+            out = cv.convert_imagenet64(args.src, args.dst, split=args.split or "train", resolution=args.resolution, **kw)
         else:
-            ds = EDMZipDataset(args.zip, cache=False)
-            print(f"{args.zip}: {ds.num_images} images of shape {ds.shape}, {ds.num_classes} classes, fingerprint {ds.fingerprint()}")
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            out = cv.convert_image_folder(args.src, args.dst, resolution=args.resolution, **kw)
+        ds = EDMZipDataset(out, cache=False)
+        print(f"wrote {out}: {ds.num_images} images of shape {ds.shape}, {ds.num_classes} classes")
+    elif args.cmd == "natural":
+        from .natural import DEFAULT_CROPS_PER_PHOTO, build_natural
+
+        info = build_natural(args.dst, args.resolution, seed=args.seed,
+                             crops_per_photo=args.crops_per_photo or DEFAULT_CROPS_PER_PHOTO,
+                             labels=not args.no_labels, verify=not args.no_verify, progress=not args.no_progress)
+        print(f"wrote {info['path']}: {info['num_images']} images {info['resolution']}x{info['resolution']}x3, "
+              f"{info['num_classes']} classes, sha256 {info['sha256']}"
+              + (" (verified)" if info["verified"] else " (no recorded hash for these settings)"))
+    else:
+        ds = EDMZipDataset(args.zip, cache=False)
+        print(f"{args.zip}: {ds.num_images} images of shape {ds.shape}, {ds.num_classes} classes, fingerprint {ds.fingerprint()}")
     return 0
 
 

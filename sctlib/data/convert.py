@@ -29,7 +29,9 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .edmzip import EDMZipWriter
+from .. import safepickle as _sp
+from ..errors import UserError
+from .edmzip import DataError, EDMZipWriter, open_image_checked
 
 __all__ = [
     "safe_unpickle",
@@ -48,8 +50,30 @@ CIFAR_TEST = ("test_batch",)
 JPEG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A source that cannot be converted; the message names the file and the problem."""
+
+
+# Bounds on what a compressed member may expand to, checked from the archive's directory before anything is
+# decompressed. A CIFAR-10 batch is 31 MB; a downsampled-ImageNet train batch is ~1.5 GB and compresses by
+# less than 2x, while a decompression bomb expands by 100-1000x.
+MAX_CIFAR_MEMBER_BYTES = 256 << 20
+MAX_BATCH_BYTES = 4 << 30
+MAX_RATIO = 50
+RATIO_FROM_BYTES = 64 << 20  # the ratio check applies to members larger than this
+
+
+def _check_member_size(name: str, size: int, compressed: int, where: str, cap: int = MAX_BATCH_BYTES) -> None:
+    if size > cap:
+        raise ConversionError(f"{where}: member {name!r} declares {size:,} bytes, over the {cap:,}-byte cap; refused")
+    if size > RATIO_FROM_BYTES and size > MAX_RATIO * max(compressed, 1):
+        raise ConversionError(f"{where}: member {name!r} would expand {size / max(compressed, 1):.0f}x "
+                              f"({compressed:,} -> {size:,} bytes); refused as a decompression bomb")
+
+
+def _check_zip_members(z: zipfile.ZipFile, where: str) -> None:
+    for info in z.infolist():
+        _check_member_size(info.filename, info.file_size, info.compress_size, where)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -58,24 +82,29 @@ class ConversionError(ValueError):
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     # numpy arrays pickle as numpy.(_)core.multiarray._reconstruct + ndarray + dtype (+ scalar for 0-d);
-    # protocol-2 pickles written by Python 3 encode bytes through _codecs.encode.
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-    }
+    # protocol-2 pickles written by Python 3 encode bytes through _codecs.encode. Each is replaced by a
+    # guard (sctlib.safepickle) that checks declared sizes and refuses void/object dtypes, so a tiny file
+    # cannot allocate gigabytes, and that the BUILD opcode cannot modify.
+    _GUARDS = {k: v for k, v in _sp.numpy_globals().items() if k[0] != "builtins" and k[0] != "__builtin__"}
 
     def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
+        if (module, name) in self._GUARDS:
+            return self._GUARDS[(module, name)]
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are expected")
 
 
 def safe_unpickle(data: bytes, *, source: str = "") -> object:
-    """Unpickle bytes that may only contain builtins and numpy arrays (encoding='bytes' for Python-2 files)."""
+    """Unpickle bytes that may only contain builtins and numpy arrays (encoding='bytes' for Python-2 files).
+
+    Arrays are filled only from bytes present in ``data`` (numpy checks the buffer length; the guards
+    refuse any other allocation), so memory stays within a small multiple of ``len(data)``.
+    """
     try:
-        return _NumpyOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except Exception as e:  # truncated data, unknown opcodes, refused classes ...
+        with _sp.use_budget(_sp.MemoryBudget(source or "pickle", len(data), cap=len(data) + (1 << 20))):
+            return _NumpyOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except RecursionError:
+        raise ConversionError(f"{source or 'pickle'}: cannot unpickle (nested too deeply)") from None
+    except Exception as e:  # truncated data, unknown opcodes, refused classes, declared sizes ...
         raise ConversionError(f"{source or 'pickle'}: cannot unpickle ({type(e).__name__}: {e})") from None
 
 
@@ -119,10 +148,20 @@ def _progress(total: Optional[int], desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled)
 
 
-def _check_src(src: PathLike) -> Path:
+def _check_src(src: PathLike, dst: Optional[PathLike] = None) -> Path:
+    """The source as a Path; with ``dst``, also refuse a destination that would overwrite the source or is a
+    directory - checked before anything is read, not after the whole conversion ran."""
     src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"conversion source {str(src)!r} does not exist")
+    if dst is not None:
+        dst = Path(dst)
+        if dst.resolve() == src.resolve() or (dst.exists() and src.is_file() and dst.samefile(src)):
+            raise ConversionError(f"destination {str(dst)!r} is the source itself; write the data set to another file")
+        if dst.is_dir():
+            raise ConversionError(f"destination {str(dst)!r} is a directory; give a .zip file path")
+        if dst.suffix.lower() != ".zip":
+            raise ConversionError(f"destination {str(dst)!r}: EDM data sets are .zip files")
     return src
 
 
@@ -154,6 +193,8 @@ def _cifar_batches(src: Path, names: Sequence[str]) -> Iterator[Tuple[str, bytes
             if n not in members:
                 raise ConversionError(f"{str(src)!r} has no member {n!r}: expected cifar-10-batches-py/{n} "
                                       f"(the official cifar-10-python.tar.gz)")
+            # a tar.gz member's size is only declared in its header: cap it before reading
+            _check_member_size(members[n].name, members[n].size, 1 << 62, str(src), cap=MAX_CIFAR_MEMBER_BYTES)
             try:
                 data = tf.extractfile(members[n]).read()
             except (tarfile.TarError, OSError, EOFError, zipfile.BadZipFile) as e:
@@ -169,8 +210,8 @@ def convert_cifar10(src: PathLike, dst: PathLike, *, split: str = "train", progr
     test_batch. ``max_images`` truncates (for smoke tests).
     """
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    src = _check_src(src)
+        raise ConversionError(f"split must be 'train' or 'test', got {split!r}")
+    src = _check_src(src, dst)
     names = CIFAR_TRAIN if split == "train" else CIFAR_TEST
     with EDMZipWriter(dst, source=str(src)) as w, _progress(len(names) * 10_000, f"cifar10 {split} -> {Path(dst).name}", progress) as bar:
         for source, raw in _cifar_batches(src, names):
@@ -192,8 +233,12 @@ _BATCH_RE = re.compile(r"(train|val)_data(?:_batch_(\d+))?(\.npz)?$")
 def _load_batch_bytes(raw: bytes, source: str):
     if raw[:2] == b"PK":  # .npz (a zip of .npy files); allow_pickle off: 'data'/'labels' are plain arrays
         try:
+            with zipfile.ZipFile(io.BytesIO(raw)) as zz:
+                _check_zip_members(zz, source)
             with np.load(io.BytesIO(raw), allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
+        except ConversionError:
+            raise
         except Exception as e:
             raise ConversionError(f"{source}: cannot read npz ({type(e).__name__}: {e})") from None
     return safe_unpickle(raw, source=source)
@@ -212,6 +257,7 @@ def _imagenet64_batches(src: Path, split: str) -> List[Tuple[str, Callable[[], b
         try:
             zf = zipfile.ZipFile(zpath)
             infos = zf.infolist()
+            _check_zip_members(zf, str(zpath))
         except (zipfile.BadZipFile, OSError) as e:
             raise ConversionError(f"{str(zpath)!r} is not a valid zip archive (corrupt or truncated?): {e}") from None
         for info in infos:
@@ -240,8 +286,8 @@ def convert_imagenet64_npz(src: PathLike, dst: PathLike, *, split: str = "train"
     """Downsampled ImageNet 64x64 batches (npz or pickle; a folder, or the Imagenet64_*.zip archives) ->
     EDM zip of 64x64 RGB PNGs, labels shifted from 1..1000 to 0..999, batches in numeric order."""
     if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    src = _check_src(src)
+        raise ConversionError(f"split must be 'train' or 'val', got {split!r}")
+    src = _check_src(src, dst)
     batches = _imagenet64_batches(src, split)
     if not batches:
         want = "train_data_batch_<i>[.npz]" if split == "train" else "val_data[.npz]"
@@ -290,8 +336,8 @@ def convert_image_folder(src: PathLike, dst: PathLike, *, resolution: int = 64, 
     from PIL import Image, UnidentifiedImageError
 
     if resolution < 1 or resolution & (resolution - 1):
-        raise ValueError(f"resolution must be a power of two, got {resolution}")
-    src = _check_src(src)
+        raise ConversionError(f"resolution must be a power of two, got {resolution}")
+    src = _check_src(src, dst)
     if not src.is_dir():
         raise ConversionError(f"{str(src)!r} is not a folder of class sub-folders")
     classes = sorted(p.name for p in src.iterdir() if p.is_dir())
@@ -306,9 +352,11 @@ def convert_image_folder(src: PathLike, dst: PathLike, *, resolution: int = 64, 
     with EDMZipWriter(dst, source=str(src)) as w, _progress(len(files), f"images -> {Path(dst).name}", progress) as bar:
         for f in files:
             try:
-                with Image.open(f) as im:
+                with open_image_checked(f, str(f)) as im:  # pixel cap checked from the header, before decoding
                     im = im.convert("RGB")
-            except (UnidentifiedImageError, OSError) as e:
+            except DataError as e:
+                raise ConversionError(str(e)) from None
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
                 raise ConversionError(f"{str(f)!r}: cannot decode image ({e})") from None
             img = np.asarray(center_crop_dhariwal(im, resolution), dtype=np.uint8)
             w.add(img, label_of[f.relative_to(src).parts[0]], name=str(f))
@@ -345,9 +393,9 @@ def convert_imagenet64(src: PathLike, dst: PathLike, *, split: str = "train", re
                        progress: bool = True, max_images: Optional[int] = None) -> Path:
     """ImageNet 64x64 from whichever source ``src`` is: a folder of class folders of JPEGs (centre-crop
     resize), or downsampled-ImageNet npz/pickle batches (a folder of them, one file, or the part*.zip files)."""
-    src = _check_src(src)
+    src = _check_src(src, dst)
     if src.is_dir() and not _looks_like_batches(src):
         return convert_image_folder(src, dst, resolution=resolution, progress=progress, max_images=max_images)
     if resolution != 64:
-        raise ValueError("the downsampled-ImageNet batches are 64x64; resolution must be 64 for them")
+        raise ConversionError("the downsampled-ImageNet batches are 64x64; resolution must be 64 for them")
     return convert_imagenet64_npz(src, dst, split=split, progress=progress, max_images=max_images)

@@ -23,6 +23,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "EDMZipDataset",
@@ -33,7 +35,46 @@ __all__ = [
     "to_uint8",
     "save_image_grid",
     "CONVERTER_HINT",
+    "DataError",
+    "MAX_MEMBER_BYTES",
+    "MAX_IMAGE_PIXELS",
 ]
+
+# Caps that keep a crafted zip or image from exhausting memory (a 64x64 RGB PNG is ~12 KB; the largest
+# ImageNet JPEG is ~12 Mpx): a member's declared size, and the pixels of one image, both checked before
+# anything is decompressed or decoded.
+MAX_MEMBER_BYTES = 256 << 20
+MAX_IMAGE_PIXELS = 1 << 26
+
+
+class DataError(UserError, ValueError):
+    """A data set file that cannot be read or written as asked; the message names the file and the problem."""
+
+
+def open_image_checked(data_or_path, where: str):
+    """``PIL.Image.open`` that refuses images over :data:`MAX_IMAGE_PIXELS` (from the header, before decoding)
+    and turns PIL's decompression-bomb error into a :class:`DataError` naming ``where``."""
+    from PIL import Image
+
+    try:
+        im = Image.open(data_or_path)
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{where}: image refused as a decompression bomb ({e})") from None
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS:
+        im.close()
+        raise DataError(f"{where}: image is {w}x{h} = {w * h:,} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel cap; refused")
+    return im
+
+
+def _read_member(zf: zipfile.ZipFile, name: str, where: str, cap: int = MAX_MEMBER_BYTES) -> bytes:
+    """``zf.read(name)`` after checking the declared (uncompressed) size against ``cap``; zipfile never
+    returns more than the declared size, so this bounds a deflate bomb."""
+    info = zf.getinfo(name)
+    if info.file_size > cap:
+        raise DataError(f"{where}: member {name!r} declares {info.file_size:,} bytes uncompressed, over the "
+                        f"{cap:,}-byte cap; refused")
+    return zf.read(info)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -65,10 +106,10 @@ def save_image_grid(images: torch.Tensor, path: Union[str, os.PathLike], nrow: O
     from PIL import Image
 
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"save_image_grid expects [B, 1 or 3, H, W] images, got shape {tuple(images.shape)}")
+        raise DataError(f"save_image_grid expects [B, 1 or 3, H, W] images, got shape {tuple(images.shape)}")
     B, C, H, W = images.shape
     if B == 0:
-        raise ValueError("save_image_grid got an empty batch")
+        raise DataError("save_image_grid got an empty batch")
     nrow = int(nrow) if nrow else int(math.ceil(math.sqrt(B)))
     ncol_rows = int(math.ceil(B / nrow))
     u8 = to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy()  # [B, H, W, C]
@@ -116,9 +157,21 @@ class EDMZipWriter:
     def __init__(self, path: Union[str, os.PathLike], *, source: str = ""):
         self.path = Path(path)
         if self.path.suffix.lower() != ".zip":
-            raise ValueError(f"EDM data sets are .zip files; got destination {str(self.path)!r}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
+            raise DataError(f"EDM data sets are .zip files; got destination {str(self.path)!r}")
+        if self.path.is_dir():
+            raise DataError(f"destination {str(self.path)!r} is a directory; give a .zip file path")
+        # folders created for the output are removed again if the conversion fails
+        self._made_dirs = []
+        p = self.path.parent
+        while not p.exists():
+            self._made_dirs.append(p)
+            p = p.parent
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix="." + self.path.name + ".", suffix=".tmp", dir=self.path.parent)
+        except OSError:
+            self._remove_made_dirs()
+            raise
         os.close(fd)
         self._tmp = Path(tmp)
         self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED)
@@ -135,27 +188,27 @@ class EDMZipWriter:
         where = f"{name or f'image {len(self._labels)}'}" + (f" of {self.source}" if self.source else "")
         img = np.asarray(image)
         if img.dtype != np.uint8:
-            raise ValueError(f"{where}: expected uint8 pixels, got {img.dtype}")
+            raise DataError(f"{where}: expected uint8 pixels, got {img.dtype}")
         if img.ndim == 2:
             img = img[:, :, None]
         elif img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[2] not in (1, 3):
             img = img.transpose(1, 2, 0)  # CHW -> HWC
         if img.ndim != 3 or img.shape[2] not in (1, 3):
-            raise ValueError(f"{where}: expected a greyscale or RGB image, got shape {tuple(np.asarray(image).shape)}")
+            raise DataError(f"{where}: expected a greyscale or RGB image, got shape {tuple(np.asarray(image).shape)}")
         H, W, C = img.shape
         if H != W or H & (H - 1) != 0:
-            raise ValueError(f"{where}: EDM data sets need square power-of-two images, got {W}x{H}")
+            raise DataError(f"{where}: EDM data sets need square power-of-two images, got {W}x{H}")
         if self._shape is None:
             self._shape = (H, W, C)
         elif self._shape != (H, W, C):
-            raise ValueError(f"{where}: size/mode {W}x{H}x{C} differs from the first image's "
+            raise DataError(f"{where}: size/mode {W}x{H}x{C} differs from the first image's "
                              f"{self._shape[1]}x{self._shape[0]}x{self._shape[2]}")
         if label is not None:
             label = int(label)
             if label < 0:
-                raise ValueError(f"{where}: labels must be >= 0, got {label}")
+                raise DataError(f"{where}: labels must be >= 0, got {label}")
         if self._labels and (label is None) != (self._labels[0][1] is None):
-            raise ValueError(f"{where}: either every image has a label or none does")
+            raise DataError(f"{where}: either every image has a label or none does")
         arc = _archive_name(len(self._labels))
         self._zip.writestr(arc, _png_bytes(np.ascontiguousarray(img)))
         self._labels.append((arc, label))
@@ -166,7 +219,7 @@ class EDMZipWriter:
             return self.path
         try:
             if not self._labels:
-                raise ValueError(f"no images to write{' from ' + self.source if self.source else ''}")
+                raise DataError(f"no images to write{' from ' + self.source if self.source else ''}")
             has_labels = self._labels[0][1] is not None
             meta = {"labels": [[a, l] for a, l in self._labels] if has_labels else None}
             self._zip.writestr("dataset.json", json.dumps(meta))
@@ -186,6 +239,14 @@ class EDMZipWriter:
             pass
         self._tmp.unlink(missing_ok=True)
         self._closed = True
+        self._remove_made_dirs()
+
+    def _remove_made_dirs(self) -> None:
+        for d in self._made_dirs:  # deepest first; only if still empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
     def __enter__(self) -> "EDMZipWriter":
         return self
@@ -212,7 +273,7 @@ def write_edm_zip(
         images = images.cpu().numpy()
     n = len(images) if hasattr(images, "__len__") else None
     if labels is not None and n is not None and len(labels) != n:
-        raise ValueError(f"{len(labels)} labels for {n} images")
+        raise DataError(f"{len(labels)} labels for {n} images")
     it = images
     if progress:
         from tqdm.auto import tqdm
@@ -222,7 +283,7 @@ def write_edm_zip(
         for i, img in enumerate(it):
             w.add(img, None if labels is None else int(labels[i]))
         if labels is not None and len(labels) != len(w):
-            raise ValueError(f"{len(labels)} labels for {len(w)} images")
+            raise DataError(f"{len(labels)} labels for {len(w)} images")
     return Path(path)
 
 
@@ -236,7 +297,7 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path, "r")
     except zipfile.BadZipFile as e:
-        raise ValueError(f"{str(path)!r} is not a valid zip archive (corrupt or truncated?): {e}") from None
+        raise DataError(f"{str(path)!r} is not a valid zip archive (corrupt or truncated?): {e}") from None
 
 
 def read_edm_zip_labels(path: Union[str, os.PathLike]) -> Tuple[List[str], Optional[List[int]]]:
@@ -245,28 +306,28 @@ def read_edm_zip_labels(path: Union[str, os.PathLike]) -> Tuple[List[str], Optio
     with _open_zip(path) as zf:
         names = sorted(n for n in zf.namelist() if n.lower().endswith(IMAGE_EXTENSIONS) and not n.endswith("/"))
         if not names:
-            raise ValueError(f"{str(path)!r} contains no images (expected PNGs like 00000/img00000000.png)")
+            raise DataError(f"{str(path)!r} contains no images (expected PNGs like 00000/img00000000.png)")
         labels = None
         if "dataset.json" in zf.namelist():
             try:
-                meta = json.loads(zf.read("dataset.json"))
+                meta = json.loads(_read_member(zf, "dataset.json", str(path)))
             except (json.JSONDecodeError, UnicodeDecodeError, zipfile.BadZipFile) as e:
-                raise ValueError(f"{str(path)!r}: dataset.json is not valid JSON: {e}") from None
+                raise DataError(f"{str(path)!r}: dataset.json is not valid JSON: {e}") from None
             raw = meta.get("labels") if isinstance(meta, dict) else None
             if raw is not None:
                 try:
                     table = {str(fname): lab for fname, lab in raw}
                 except (TypeError, ValueError):
-                    raise ValueError(f"{str(path)!r}: dataset.json 'labels' must be a list of [filename, label] pairs") from None
+                    raise DataError(f"{str(path)!r}: dataset.json 'labels' must be a list of [filename, label] pairs") from None
                 if len(table) != len(names):
-                    raise ValueError(f"{str(path)!r}: dataset.json has {len(table)} labels but the zip has {len(names)} images")
+                    raise DataError(f"{str(path)!r}: dataset.json has {len(table)} labels but the zip has {len(names)} images")
                 labels = []
                 for n in names:
                     if n not in table:
-                        raise ValueError(f"{str(path)!r}: dataset.json has no label for {n!r}")
+                        raise DataError(f"{str(path)!r}: dataset.json has no label for {n!r}")
                     lab = table[n]
                     if isinstance(lab, bool) or not isinstance(lab, int) or lab < 0:
-                        raise ValueError(f"{str(path)!r}: label of {n!r} is {lab!r}; only non-negative integer labels are supported")
+                        raise DataError(f"{str(path)!r}: label of {n!r} is {lab!r}; only non-negative integer labels are supported")
                     labels.append(lab)
     return names, labels
 
@@ -322,11 +383,11 @@ class EDMZipDataset(torch.utils.data.Dataset):
         first = self._decode(0)
         self.shape = (first.shape[0], first.shape[1], first.shape[2])
         if self.shape[0] not in (1, 3):
-            raise ValueError(f"{self._where(0)}: expected 1 or 3 channels, got {self.shape[0]}")
+            raise DataError(f"{self._where(0)}: expected 1 or 3 channels, got {self.shape[0]}")
         if self.shape[1] != self.shape[2]:
-            raise ValueError(f"{self._where(0)}: images must be square, got {self.shape[2]}x{self.shape[1]}")
+            raise DataError(f"{self._where(0)}: images must be square, got {self.shape[2]}x{self.shape[1]}")
         if resolution and self.shape[1] != resolution:
-            raise ValueError(f"{str(self.path)!r} holds {self.shape[1]}x{self.shape[2]} images but resolution={resolution} was asked for")
+            raise DataError(f"{str(self.path)!r} holds {self.shape[1]}x{self.shape[2]} images but resolution={resolution} was asked for")
         self.resolution = self.shape[1]
         self.num_classes = (max(self._labels) + 1) if self._labels else 0
         self.label_dim = self.num_classes if cond else 0
@@ -352,17 +413,17 @@ class EDMZipDataset(torch.utils.data.Dataset):
         from PIL import Image, UnidentifiedImageError
 
         try:
-            data = self._get_zip().read(self._names[i])
-            with Image.open(io.BytesIO(data)) as im:
+            data = _read_member(self._get_zip(), self._names[i], self._where(i), cap=MAX_MEMBER_BYTES)
+            with open_image_checked(io.BytesIO(data), self._where(i)) as im:
                 mode = im.mode
                 if mode not in ("L", "RGB"):
-                    raise ValueError(f"{self._where(i)}: image mode {mode!r}; EDM data sets hold 'L' (grey) or 'RGB' images")
+                    raise DataError(f"{self._where(i)}: image mode {mode!r}; EDM data sets hold 'L' (grey) or 'RGB' images")
                 arr = np.array(im, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only)
         except (zipfile.BadZipFile, UnidentifiedImageError, OSError, KeyError) as e:
-            raise ValueError(f"{self._where(i)}: cannot read image ({type(e).__name__}: {e})") from None
+            raise DataError(f"{self._where(i)}: cannot read image ({type(e).__name__}: {e})") from None
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         if hasattr(self, "shape") and tuple(arr.shape) != self.shape:
-            raise ValueError(f"{self._where(i)}: image is {arr.shape[2]}x{arr.shape[1]} with {arr.shape[0]} channel(s), "
+            raise DataError(f"{self._where(i)}: image is {arr.shape[2]}x{arr.shape[1]} with {arr.shape[0]} channel(s), "
                              f"expected {self.shape[2]}x{self.shape[1]} with {self.shape[0]} like the rest of the data set")
         return arr
 

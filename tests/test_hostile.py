@@ -548,8 +548,9 @@ def test_disk_full_names_the_file_and_leaves_no_temp(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoints, "save_file", full)
     with pytest.raises(OSError) as e:
         T.train(_cfg(), tmp_path, progress=False)
-    assert e.value.errno == 28 and "ckpt-000000000256.safetensors" in one_line(e.value)
-    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    # the first file the run writes is its first EMA snapshot (25% of training), then the first checkpoint
+    assert e.value.errno == 28 and "snapshots/ema-0.25.safetensors" in one_line(e.value)
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 # ------------------------------------------------------------------------------------------------ 6, 8. data CLI

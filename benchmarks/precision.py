@@ -408,6 +408,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("1 - cos(grad, reference grad)")
         ax.set_title(f"{name}: whole-gradient cosine, one batch", fontsize=9)
         ax.legend(fontsize=6, ncol=2)
+    cpu = " (CPU: tf32 is fp32 there)" if result.get("device") == "cpu" else ""
+    fig.suptitle(f"{result.get('device_name') or result.get('device')}{cpu}; reference {r['reference']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -453,7 +455,8 @@ def main(argv=None):
         "torch": torch.__version__, "git_sha": T._git_sha(), "formats": list(FORMATS),
         "format_notes": {"fp32": "float32, TF32 off", "tf32": "float32 tensors, TF32 matmuls/convs",
                          "bf16": "bf16 autocast (TF32 on for the rest)", "fp16": "fp16 autocast, loss scaled "
-                         "from 2^16 and halved until the gradient is finite (a GradScaler's search)"},
+                         "from 2^16 and halved until the gradient is finite (a GradScaler's search)"}
+        | ({"cpu": "there is no TF32 on the CPU: tf32 rows equal fp32 rows"} if device == "cpu" else {}),
         "nets": {},
     }
     for name, tpath, tnimg in zip(nets, teachers, teacher_nimgs):

@@ -22,8 +22,9 @@ The JSON says which. Dropout is switched off during the measurement (it would dr
 
     # CPU, digits preset network (the committed CPU result)
     python benchmarks/precision.py --nets digits --teacher-nimg 256000 --out benchmarks/results/precision_cpu_digits.json
-    # GPU: DDPM++ (CIFAR-10 size, 55.7M) and EDM2-S (ImageNet-64 size, 280M)
-    python benchmarks/precision.py --nets cifar10,imagenet64-s --teacher-nimg 2000000 \\
+    # GPU: DDPM++ (CIFAR-10 size, 55.7M) and EDM2-S (ImageNet-64 size, 280M); teacher lengths per net (not yet
+    # timed on a GPU: choose them for the minutes available); the measurement itself is sized for a few minutes
+    python benchmarks/precision.py --nets cifar10,imagenet64-s --teacher-nimg 150000,40000 \\
         --out benchmarks/results/precision_h200.json
     # the GPU code path on the CPU with tiny widths
     python benchmarks/precision.py --nets cifar10,imagenet64-s --tiny --teacher-nimg 2048 --out /tmp/p.json

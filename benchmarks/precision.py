@@ -22,8 +22,9 @@ The JSON says which. Dropout is switched off during the measurement (it would dr
 
     # CPU, digits preset network (the committed CPU result)
     python benchmarks/precision.py --nets digits --teacher-nimg 256000 --out benchmarks/results/precision_cpu_digits.json
-    # GPU: DDPM++ (CIFAR-10 size, 55.7M) and EDM2-S (ImageNet-64 size, 280M)
-    python benchmarks/precision.py --nets cifar10,imagenet64-s --teacher-nimg 2000000 \\
+    # GPU: DDPM++ (CIFAR-10 size, 55.7M) and EDM2-S (ImageNet-64 size, 280M); teacher lengths per net (not yet
+    # timed on a GPU: choose them for the minutes available); the measurement itself is sized for a few minutes
+    python benchmarks/precision.py --nets cifar10,imagenet64-s --teacher-nimg 150000,40000 \\
         --out benchmarks/results/precision_h200.json
     # the GPU code path on the CPU with tiny widths
     python benchmarks/precision.py --nets cifar10,imagenet64-s --tiny --teacher-nimg 2048 --out /tmp/p.json
@@ -408,6 +409,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("1 - cos(grad, reference grad)")
         ax.set_title(f"{name}: whole-gradient cosine, one batch", fontsize=9)
         ax.legend(fontsize=6, ncol=2)
+    cpu = " (CPU: tf32 is fp32 there)" if result.get("device") == "cpu" else ""
+    fig.suptitle(f"{result.get('device_name') or result.get('device')}{cpu}; reference {r['reference']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -453,7 +456,8 @@ def main(argv=None):
         "torch": torch.__version__, "git_sha": T._git_sha(), "formats": list(FORMATS),
         "format_notes": {"fp32": "float32, TF32 off", "tf32": "float32 tensors, TF32 matmuls/convs",
                          "bf16": "bf16 autocast (TF32 on for the rest)", "fp16": "fp16 autocast, loss scaled "
-                         "from 2^16 and halved until the gradient is finite (a GradScaler's search)"},
+                         "from 2^16 and halved until the gradient is finite (a GradScaler's search)"}
+        | ({"cpu": "there is no TF32 on the CPU: tf32 rows equal fp32 rows"} if device == "cpu" else {}),
         "nets": {},
     }
     for name, tpath, tnimg in zip(nets, teachers, teacher_nimgs):

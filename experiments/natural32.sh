@@ -20,12 +20,12 @@ DATA=$WORK/natural-32.zip
 
 # The network of the teacher and of every tuning run: a reduced DDPM++ (7.0M parameters; CIFAR-10's is 55.7M).
 NET=${NET:-"net.model_channels=64 net.channel_mult=1,2,2 net.num_blocks=2 net.attn_resolutions=16 net.dropout=0.1 net.label_dim=0 cond=false"}
-# Tuning budget and schedule: 4 ECT stages of 64k images (q = 2), EMA half-life 25k images, batch 128.
-TOTAL_NIMG=${TOTAL_NIMG:-256000}
-DOUBLE_NIMG=${DOUBLE_NIMG:-64000}
-EVAL_NIMG=${EVAL_NIMG:-"[64000, 128000, 192000, 256000]"}
-FID_IMAGES=${FID_IMAGES:-10000}
-TUNE=${TUNE:-"loss.double_nimg=$DOUBLE_NIMG optim.lr=2e-4 ema_halflife_nimg=25000 batch_size=128 tick_nimg=16000 checkpoint_nimg=64000 workers=0"}
+# Tuning budget and schedule: 3 ECT stages of 32k images (q = 2), EMA half-life 10k images, batch 128.
+TOTAL_NIMG=${TOTAL_NIMG:-96000}
+DOUBLE_NIMG=${DOUBLE_NIMG:-32000}
+EVAL_NIMG=${EVAL_NIMG:-"[32000, 64000, 96000]"}
+FID_IMAGES=${FID_IMAGES:-5000}
+TUNE=${TUNE:-"loss.double_nimg=$DOUBLE_NIMG optim.lr=2e-4 ema_halflife_nimg=10000 batch_size=128 tick_nimg=16000 checkpoint_nimg=32000 workers=0"}
 
 stage=${1:?stage: setup | teacher | ablation | collect}
 case "$stage" in
@@ -80,9 +80,14 @@ collect)
 import json, sys
 from pathlib import Path
 runs, out = Path(sys.argv[1]), Path(sys.argv[2])
-recs = {p.parent.name: json.loads(p.read_text()) for p in sorted(runs.glob("*/results.json"))}
-(out / "natural32_runs.json").write_text(json.dumps(recs))
-print(f"{len(recs)} records: {', '.join(recs)}")
+recs, partial = {}, {}
+for d in sorted(p for p in runs.iterdir() if p.is_dir()):
+    if (d / "results.json").exists():
+        recs[d.name] = json.loads((d / "results.json").read_text())
+    elif (d / "evals.jsonl").exists():  # a run stopped by the time box: keep the evaluations it made
+        partial[d.name] = [json.loads(l) for l in (d / "evals.jsonl").read_text().splitlines() if l.strip()]
+(out / "natural32_runs.json").write_text(json.dumps({"complete": recs, "partial": partial}))
+print(f"{len(recs)} complete: {', '.join(recs)}; {len(partial)} partial: {', '.join(partial)}")
 PY
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;

@@ -464,6 +464,7 @@ def main(argv=None):
         print(f"[precision] {name} ...", file=sys.stderr, flush=True)
         result["nets"][name] = bench_net(name, args, device, work, tpath, tnimg)
         print(f"[precision] {name} done: {result['nets'][name]['seconds']}", file=sys.stderr, flush=True)
+        out.write_text(json.dumps(_json_safe(result), indent=1))  # after each net: a time-boxed run keeps what it made
     result["total_seconds"] = time.time() - t0
     out.write_text(json.dumps(_json_safe(result), indent=1))
     plot(result, out.with_suffix(".png"))

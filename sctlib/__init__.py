@@ -4,15 +4,16 @@
     cfg = sct.config.get_preset("digits-sct")
     sct.train.train(cfg, "runs/digits-sct")
 
-Modules, one per concept (see DESIGN.md): precond, schedules, targets, losses, samplers, networks, ema,
-data, metrics, checkpoints, convert, config, train, evaluate, book. They are imported on first access
+Modules, one per concept: precond, schedules, targets, losses, samplers, networks, ema,
+data, metrics, checkpoints, convert, config, train, evaluate, book, paper (the published numbers
+and claims). They are imported on first access
 (``sct.train``), so ``python -m sctlib.train`` does not import itself twice and ``import sctlib`` is cheap.
 """
 import importlib
 
 __version__ = "0.1.0"
 __all__ = ["config", "precond", "schedules", "targets", "ema", "losses", "networks", "samplers", "checkpoints",
-           "convert", "data", "metrics", "evaluate", "train", "book"]
+           "convert", "data", "metrics", "evaluate", "train", "book", "paper"]
 
 
 def __getattr__(name):

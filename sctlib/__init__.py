@@ -6,14 +6,14 @@
 
 Modules, one per concept: precond, schedules, targets, losses, samplers, networks, ema,
 data, metrics, checkpoints, convert, config, train, evaluate, book, paper (the published numbers
-and claims). They are imported on first access
+and claims), pipeline and progress (plumbing of the papermill pipelines). They are imported on first access
 (``sct.train``), so ``python -m sctlib.train`` does not import itself twice and ``import sctlib`` is cheap.
 """
 import importlib
 
 __version__ = "0.1.0"
 __all__ = ["config", "precond", "schedules", "targets", "ema", "losses", "networks", "samplers", "checkpoints",
-           "convert", "data", "metrics", "evaluate", "train", "book", "paper"]
+           "convert", "data", "metrics", "evaluate", "train", "book", "paper", "pipeline", "progress"]
 
 
 def __getattr__(name):

@@ -59,13 +59,13 @@ def _git_sha() -> Optional[str]:
         return None
 
 
-def write_results(run_dir, results: dict, *, paper: Optional[dict] = None, extra: Optional[dict] = None) -> Path:
+def write_results(run_dir, results: dict, *, paper=None, extra: Optional[dict] = None) -> Path:
     """Write ``run_dir/results.json``: metrics, the paper's values where they exist, and provenance."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "results": results,
-        "paper": paper or {},
+        "paper": paper if paper is not None else [],  # sctlib.paper.comparison rows
         "git_sha": _git_sha(),
         "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": {"python": platform.python_version(), "torch": torch.__version__,

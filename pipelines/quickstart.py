@@ -42,7 +42,7 @@ import json
 from dataclasses import replace
 
 import matplotlib.pyplot as plt
-from IPython.display import Image, display
+from IPython.display import display
 
 import sctlib as sct
 
@@ -125,6 +125,12 @@ fig.savefig(root / "curves.png", dpi=120)
 plt.show()
 
 # %%
-for task in ("teacher", "ect", "sct"):
-    print(task)
-    display(Image(filename=str(root / task / "samples" / "final.png")))
+fig, axes = plt.subplots(1, 3, figsize=(13, 4.6))
+for ax, task, title in zip(axes, ("teacher", "ect", "sct"), ("teacher: Heun, 18 steps", "ECT: 1 step (top), 2 steps (bottom)",
+                                                             "SCT: 1 step (top), 2 steps (bottom)")):
+    ax.imshow(plt.imread(root / task / "samples" / "final.png"))
+    ax.set_title(title)
+    ax.axis("off")
+fig.tight_layout()
+fig.savefig(root / "samples.png", dpi=120)
+plt.show()

@@ -22,7 +22,7 @@ import torch
 
 __all__ = ["setup", "project_root", "write_results", "load_results", "read_stats", "plot_training",
            "plot_residual_by_t", "results_table", "Table", "record_table", "result_records", "render_records",
-           "record_claim", "claims_table", "paper_table"]
+           "record_claim", "claims_table", "paper_table", "glue"]
 
 
 def project_root() -> Path:
@@ -369,3 +369,13 @@ def claims_table(*, caption: str = "") -> Table:
                      c.paper_number, status])
     return Table(rows, ["#", "the paper's claim [where]", "our experiment", "our number", "the paper's number",
                         "status"], caption=caption)
+
+
+def glue(name: str, value) -> None:
+    """Store a value for the chapter's prose (``{glue:text}`name```), so a number in the text is the one the
+    code computed. Outside a Jupyter Book build (no myst-nb) it does nothing."""
+    try:
+        from myst_nb import glue as _glue
+    except ImportError:  # pragma: no cover - myst-nb comes with the [book] extra
+        return
+    _glue(name, value, display=False)

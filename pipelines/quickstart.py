@@ -128,7 +128,7 @@ plt.show()
 fig, axes = plt.subplots(1, 3, figsize=(13, 4.6))
 for ax, task, title in zip(axes, ("teacher", "ect", "sct"), ("teacher: Heun, 18 steps", "ECT: 1 step (top), 2 steps (bottom)",
                                                              "SCT: 1 step (top), 2 steps (bottom)")):
-    ax.imshow(plt.imread(root / task / "samples" / "final.png"))
+    ax.imshow(plt.imread(root / task / "samples" / "final.png"), cmap="gray")
     ax.set_title(title)
     ax.axis("off")
 fig.tight_layout()

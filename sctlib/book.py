@@ -309,7 +309,7 @@ def _claims_dir() -> Path:
     return project_root() / "runs" / "book" / "claims"
 
 
-def record_claim(claim_id: int, ours: str, status: str) -> dict:
+def record_claim(claim_id: int, ours: str, status: str) -> None:
     """Record what a chapter measured for one of the paper's claims (:data:`sctlib.paper.CLAIMS`).
 
     ``ours`` is our number in words ("residual 70-260x lower"); ``status`` one of 'agrees', 'disagrees',
@@ -326,7 +326,6 @@ def record_claim(claim_id: int, ours: str, status: str) -> dict:
     d = _claims_dir()
     d.mkdir(parents=True, exist_ok=True)
     (d / f"{claim_id}.json").write_text(json.dumps(rec))
-    return rec
 
 
 def paper_table(rows=None, *, caption: str = "") -> Table:

@@ -1,4 +1,4 @@
-"""Sphinx extension for this book: formulas render with no network.
+"""Sphinx extension for this book: formulas render with no network, and long code and wide tables fit.
 
 MathJax 3 is served from the build itself (``_static/mathjax/``), copied from the ``django-static-mathjax``
 package (MathJax's own files; Django is not needed), instead of Sphinx's default CDN address. Only what
@@ -23,6 +23,21 @@ def _mathjax_source() -> Path:
     return src
 
 
+# The theme's text column is narrow for code: widen it, wrap long code lines instead of hiding them behind a
+# scroll bar, and let wide tables scroll inside their own box.
+_CSS = """
+.bd-page-width { max-width: 96rem; }
+.bd-main .bd-content .bd-article-container { max-width: 62rem; }
+div.cell_input pre, div.highlight pre { white-space: pre-wrap; overflow-wrap: anywhere; font-size: 0.82rem; }
+div.cell_output pre { white-space: pre-wrap; overflow-wrap: anywhere; font-size: 0.82rem; }
+table.sctlib-table, .bd-article table.table { font-size: 0.85rem; }
+div.cell_output table.sctlib-table { display: block; overflow-x: auto; max-width: 100%; }
+table.sctlib-table caption { caption-side: top; font-style: italic; text-align: left; }
+.bd-article table td code, .bd-article table td .pre { overflow-wrap: anywhere; white-space: normal; }
+figure figcaption, div.figure p.caption { font-size: 0.9rem; }
+"""
+
+
 def _use_local_mathjax(app, config):
     src = _mathjax_source()
     static = Path(app.outdir).parent / "_offline_static"
@@ -35,6 +50,7 @@ def _use_local_mathjax(app, config):
                 shutil.copytree(s, d, dirs_exist_ok=True)
             elif s.is_file():
                 shutil.copy2(s, d)
+    (static / "sctlib.css").write_text(_CSS)
     config.html_static_path = [*config.html_static_path, str(static)]
     # A path without a scheme is read relative to _static/ (Sphinx's add_js_file).
     config.mathjax_path = "mathjax/es5/tex-chtml.js"
@@ -42,4 +58,5 @@ def _use_local_mathjax(app, config):
 
 def setup(app):
     app.connect("config-inited", _use_local_mathjax)
+    app.add_css_file("sctlib.css")
     return {"parallel_read_safe": True, "parallel_write_safe": True}

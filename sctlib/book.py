@@ -46,7 +46,9 @@ def setup(seed: int = 0, *, threads: Optional[int] = None) -> None:
 
         matplotlib.rcParams.update({"figure.dpi": 100, "figure.figsize": (6.4, 3.6), "axes.grid": True,
                                     "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
-                                    "font.size": 10})
+                                    "font.size": 10, "legend.fontsize": 9, "legend.framealpha": 0.8,
+                                    # large counts (images seen) as "x1e5" instead of long overlapping labels
+                                    "axes.formatter.limits": (-3, 4)})
     except ImportError:  # pragma: no cover - matplotlib is a dependency
         pass
 

@@ -8,7 +8,7 @@ References
 * Geng et al. 2024 (ECT, Sec. 3 / code facts Sec. 1.1-1.3): r = t (1 - q^{-a} n(t)),
   n(t) = 1 + k sigmoid(-b t), with the staircase exponent a = stage + 1, stage = floor(nimg / double).
 * Wang et al. 2024 (SCT, Sec. 4.2 "smoother schedule") [RECON]: the continuous exponent
-  a = 1 + nimg / double (``sct-method.md`` Sec. 1.5).
+  a = 1 + nimg / double (the book's page *The paper*).
 * Song & Dhariwal 2023 (iCT): lambda = 1 / (t - r).
 * Karras et al. 2024 (EDM2): inverse square-root learning-rate decay.
 

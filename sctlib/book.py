@@ -353,8 +353,9 @@ def paper_table(rows=None, *, caption: str = "") -> Table:
 def claims_table(*, caption: str = "") -> Table:
     """Claim, our experiment, our number, the paper's number, status: one row per paper claim.
 
-    Our numbers come from the chapters' records (:func:`record_claim`, written when a chapter executes)
-    and, for the run-scale claims, from the committed results records.
+    Our numbers come from the chapters' records (:func:`record_claim`, written when a chapter executes;
+    the book's page that renders this table, ``book/what_is_known.md``, sorts after every chapter, and
+    Sphinx executes pages in sorted order). Claims without a record show as not tested.
     """
     from . import paper
 

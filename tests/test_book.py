@@ -139,7 +139,9 @@ def test_book_builds_with_all_chapters_executed(tmp_path):
     check_page_offline(html_dir / "book" / "results.html", figures=2, tables=2)
     paper = html_dir / "book" / "what_is_known.html"
     check_page_offline(paper, tables=3)
-    # the claims table holds a measured number for every claim a chapter checks (chapters ran first)
+    # the claims table holds a measured number for every claim a chapter checks. Sphinx reads (and myst-nb
+    # executes) pages in sorted docname order and book/what_is_known sorts after every chapter, so the
+    # chapters' claim records exist when the page runs; a page renamed past it would fail here.
     claims = paper.read_text()
     assert "not measured in this build" not in claims, "a chapter's claim record is missing"
     assert claims.count("agrees") >= 6

@@ -5,7 +5,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 PYTEST  ?= $(BIN)/python -m pytest
 
-.PHONY: setup quickstart test test-fast book clean-book
+.PHONY: setup quickstart test test-fast book lab clean-book
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,16 +25,22 @@ quickstart: setup
 	mkdir -p runs/quickstart
 	$(BIN)/papermill pipelines/quickstart.ipynb runs/quickstart/quickstart.ipynb -k python3
 
-# Unit tests (the GPU pipelines run there with tiny settings), then the main-job notebook with its defaults.
+# Unit tests (the book build included), then every pipeline notebook in smoke mode (SCTLIB_SMOKE=1 sets each
+# notebook's `smoke` parameter: the whole path - train, checkpoint, resume, sample, FID - in about a minute).
 test: setup
 	$(PYTEST) -q tests
-	$(PYTEST) -q --nbmake --nbmake-timeout=1500 pipelines/quickstart.ipynb
+	SCTLIB_SMOKE=1 $(PYTEST) -q --nbmake --nbmake-timeout=900 pipelines/*.ipynb
 
 test-fast: setup
 	$(PYTEST) -q -m "not slow" tests
 
 book: setup
 	$(BIN)/jupyter-book build . -W --keep-going
+
+# JupyterLab on the repository; jupytext opens the book's .md chapters and the pipelines' .py twins as
+# notebooks, paired with their .ipynb. Root (as in containers and CI) needs --allow-root.
+lab: setup
+	$(BIN)/jupyter lab --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 clean-book:
 	rm -rf _build

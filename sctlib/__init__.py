@@ -4,16 +4,18 @@
     cfg = sct.config.get_preset("digits-sct")
     sct.train.train(cfg, "runs/digits-sct")
 
-Modules, one per concept (see DESIGN.md): precond, schedules, targets, references, losses, samplers, networks, ema,
+Modules, one per concept: precond, schedules, targets, references, losses, samplers, networks, ema,
 data, metrics, checkpoints, convert, config, precision, train, evaluate, book, ablation, errors, rundir,
-safepickle. They are imported on first access (``sct.train``), so ``python -m sctlib.train`` does not import itself twice and ``import sctlib`` is cheap.
+safepickle, paper (the published numbers and claims), pipeline and progress (plumbing of the papermill
+pipelines). They are imported on first access (``sct.train``), so ``python -m sctlib.train`` does not
+import itself twice and ``import sctlib`` is cheap.
 """
 import importlib
 
 __version__ = "0.1.0"
 __all__ = ["config", "precond", "schedules", "targets", "references", "ema", "losses", "networks", "samplers",
            "checkpoints", "convert", "data", "metrics", "precision", "evaluate", "train", "book", "ablation",
-           "errors", "rundir", "safepickle"]
+           "errors", "rundir", "safepickle", "paper", "pipeline", "progress"]
 
 
 def __getattr__(name):

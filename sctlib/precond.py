@@ -11,7 +11,7 @@ References
   f^m(x_t, t) = (s_m / t) x_t + (1 - s_m / t) D(x_t, t) for t in [s_m, s_{m+1}) (EDM/VE algebra of the
   DDIM step; a reconstruction, see the book's page *The paper*).
 
-The protocols (see DESIGN.md):
+The protocols (the same for every sampler, loss and network of the library):
 * denoiser ``D(x, sigma, labels=None) -> x0_hat``;
 * consistency function ``f(x, t, labels=None) -> x0_hat``.
 Here ``sigma`` and ``t`` are the same quantity (VE process, sigma(t) = t).

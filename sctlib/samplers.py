@@ -6,7 +6,7 @@ References
   consistency sampling - denoise fully, then re-noise to the next t with t_next * randn.
 * Wang et al. 2024 (PCM Sec. 3.1, Eq. 3) and SCT Sec. 4.3 [RECON]: phased sampling with the DDIM-form
   step x_s = (s/t) x_t + (1 - s/t) D(x_t, t); SCT's edge skipping lands past the phase edge
-  (``sct-method.md`` Sec. 1.7, a reconstruction with three selectable variants).
+  (a reconstruction with three selectable variants; the book's page *The paper* lists them).
 * Karras et al. 2024 (autoguidance) as adapted in SCT Sec. 4.4 [RECON]: f_w = f + (w - 1)(f - f_bad)
   with f_bad an earlier EMA of the same model.
 * Karras et al. 2022 (EDM), Algorithm 1: deterministic Heun sampler with the Eq. 5 time steps.

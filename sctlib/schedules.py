@@ -9,7 +9,7 @@ References
   n(t) = 1 + k sigmoid(-b t), with the staircase exponent a = stage + 1, stage = floor(nimg / double).
 * Wang et al. 2024 (SCT, arXiv 2410.18958, Sec. 4.2 "smoother schedule") [RECON]: a continuous exponent,
   a = max(1, nimg / double) (ends at ECT's final Delta t, ``smooth_end='ect'``) or 1 + nimg / double
-  (one stage past it, ``'beyond'``).
+  (one stage past it, ``'beyond'``); see the book's page *The paper*.
 * Song & Dhariwal 2023 (iCT): lambda = 1 / (t - r).
 * Karras et al. 2024 (EDM2): inverse square-root learning-rate decay.
 

@@ -482,7 +482,7 @@ class Trainer:
             with open(self.run_dir / "stats.jsonl", "a") as fh:
                 fh.write(json.dumps(line) + "\n")
             if pbar is not None:
-                pbar.set_postfix(loss=f"{mean:.4g}", ips=f"{line['img_per_s']:.0f}")
+                pbar.tick(mean, line["img_per_s"])
         self._reset_tick()
         return line
 
@@ -726,10 +726,10 @@ class Trainer:
             self.write_samples(f"{0:012d}")
         pbar = None
         if self.progress and self.rank == 0:
-            from tqdm.auto import tqdm
+            # Text lines, not a widget: they show in terminals, notebooks and papermill logs alike.
+            from .progress import TextProgress
 
-            pbar = tqdm(total=cfg.total_nimg, initial=self.nimg, unit="img", unit_scale=True,
-                        desc=cfg.name, dynamic_ncols=True, disable=None)
+            pbar = TextProgress(cfg.total_nimg, self.nimg, desc=cfg.name)
         t_start = time.time()
         last_line = None
         while self.nimg < cfg.total_nimg:
@@ -925,10 +925,19 @@ def launch(preset: str, run_dir, overrides=(), *, nproc: int = 1, progress: bool
            "-m", "sctlib.train", "--preset", preset, "--run-dir", str(run_dir), *overrides]
     if not progress:
         cmd.insert(cmd.index("--preset"), "--no-progress")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun failed with exit code {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # Stream rank 0's progress lines to this process's stdout (a notebook cell, papermill's log) as they
+    # come; the last stdout line is the run's JSON summary.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = ""
+    for out_line in proc.stdout:
+        if out_line.strip():
+            last = out_line
+            if not out_line.lstrip().startswith("{"):
+                print(out_line, end="", flush=True)
+    err = proc.stderr.read()
+    if proc.wait() != 0:
+        raise RuntimeError(f"torchrun failed with exit code {proc.returncode}:\n{err[-4000:]}")
+    return json.loads(last)
 
 
 def load_run(run_dir, which: str = "final"):

@@ -349,7 +349,7 @@ def test_dataset_fingerprint_tracks_content(tmp_path):
 
 
 def test_data_package_does_not_import_networks_or_train():
-    """DESIGN.md layering, checked on the source: no module of sctlib/data imports networks or train
+    """The layering (data below models), checked on the source: no module of sctlib/data imports networks or train
     (absolute or relative, at any depth). (``import sctlib`` itself loads every module, so a runtime
     sys.modules check would test the package's __init__, not this package.)"""
     import ast

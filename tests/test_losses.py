@@ -56,7 +56,7 @@ def run(loss_fn, net, x0, labels=None, *, nimg, seed=123):
 
 
 # ------------------------------------------------------------------------------------------------
-# CT is a special case of SCT (sct-method.md Sec. 4, claim 1)
+# CT is a special case of SCT (SCT Fig. 1; claim 1 of sctlib.paper.CLAIMS)
 
 @pytest.mark.parametrize("nimg", [0, 2500])
 def test_sct_with_own_sample_only_is_bit_identical_to_ect(nimg):

@@ -67,6 +67,8 @@ def _code_of(path: Path) -> str:
         return "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
     if path.suffix == ".md":
         blocks = re.findall(r"```\{code-cell\}[^\n]*\n(.*?)```", path.read_text(), flags=re.S)
+        # a cell's options block (---\n<yaml>\n---) is not code
+        blocks = [re.sub(r"\A---\n.*?\n---\n", "", b, flags=re.S) for b in blocks]
         return "\n".join("\n".join(l for l in b.splitlines() if not l.startswith(":")) for b in blocks)
     return path.read_text()
 

@@ -4,7 +4,7 @@ scikit-image / scikit-learn), EDM-format zips, converters.
 Every data set is a ``torch.utils.data.Dataset`` whose items are ``(x0, label)`` with x0 float32 in
 [-1, 1] ([C, H, W]; toys [2]) and attributes ``label_dim`` (0 = unconditional), ``shape`` and ``name``.
 In-memory sets (digits, toys) also expose ``tensors() -> (X, y)``. This package never imports
-``sctlib.networks`` or ``sctlib.train`` (DESIGN.md layering).
+``sctlib.networks`` or ``sctlib.train`` (data sits below the models in the layering).
 """
 from __future__ import annotations
 

@@ -82,7 +82,7 @@ CONVERTER_HINT = (
     "create one with the converter CLI, e.g.\n"
     "  python -m sctlib.data convert cifar10 cifar-10-python.tar.gz datasets/cifar10-32x32.zip\n"
     "  python -m sctlib.data convert imagenet64 <Imagenet64_train_part*.zip | npz folder | JPEG train folder> "
-    "datasets/imagenet-64x64.zip"
+    "datasets/edm2-imagenet-64x64.zip"
 )
 
 

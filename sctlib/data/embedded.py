@@ -11,7 +11,7 @@ For a finite data set {x_i} the ideal denoiser is a softmax over all of it (EDM 
 which is :func:`exact_posterior_mean`. SCT's stable target (SCT Sec. 4.1) estimates the same quantity
 from a mini-batch; this exact version lets tests compare the two.
 
-Data conventions (DESIGN.md): images float32 in [-1, 1], [C, H, W]; 2-D toys float32 [2]; scales are
+Data conventions: images float32 in [-1, 1], [C, H, W]; 2-D toys float32 [2]; scales are
 chosen so the per-coordinate data std is about 0.5 (= sigma_data).
 """
 from __future__ import annotations

@@ -23,7 +23,7 @@ NET=${NET:-"net.model_channels=64 net.channel_mult=1,2,2 net.num_blocks=2 net.at
 # Tuning budget and schedule: 3 ECT stages of 32k images (q = 2), EMA half-life 10k images, batch 128.
 TOTAL_NIMG=${TOTAL_NIMG:-96000}
 DOUBLE_NIMG=${DOUBLE_NIMG:-32000}
-EVAL_NIMG=${EVAL_NIMG:-"[32000, 64000, 96000]"}
+EVAL_NIMG=${EVAL_NIMG:-32000,64000,96000}
 FID_IMAGES=${FID_IMAGES:-5000}
 TUNE=${TUNE:-"loss.double_nimg=$DOUBLE_NIMG optim.lr=2e-4 ema_halflife_nimg=10000 batch_size=128 tick_nimg=16000 checkpoint_nimg=32000 workers=0"}
 
@@ -54,13 +54,13 @@ teacher)
   cp "$WORK/teacher/stats.jsonl" "$OUT/natural32_teacher_stats.jsonl"
   ;;
 ablation)
-  run() {  # name arm seed [extra overrides as a YAML list body]
+  run() {  # name arm seed [extra overrides, space-separated] [reference source]
     local name=$1 arm=$2 seed=$3 extra=${4:-} ref=${5:-dataset}
-    local ov; ov=$(printf '"%s", ' $NET $TUNE); ov="[${ov%, }${extra:+, $extra}]"
+    local ov="$NET $TUNE $extra"
     $PY -m papermill pipelines/ablation.ipynb "$WORK/nb/$name.ipynb" --log-output --no-progress-bar -k python3 \
       -p arm "$arm" -p seed "$seed" -p run_name "$name" -p runs_dir "$WORK/runs" -p teacher "$WORK/teacher" \
       -p data_path "$DATA" -p base_preset cifar10-ect -p ref_source "$ref" -p total_nimg "$TOTAL_NIMG" \
-      -p fid_images "$FID_IMAGES" -p fid_ref_images "${FID_REF_IMAGES:-0}" -y "eval_nimg: $EVAL_NIMG" -y "overrides: $ov" > "$WORK/log/$name.log" 2>&1 \
+      -p fid_images "$FID_IMAGES" -p fid_ref_images "${FID_REF_IMAGES:-0}" -p eval_nimg "$EVAL_NIMG" -p overrides "$ov" > "$WORK/log/$name.log" 2>&1 \
       && echo "done $name" || echo "FAILED $name (see $WORK/log/$name.log)"
   }
   mkdir -p "$WORK/nb" "$WORK/log" "$WORK/runs"
@@ -68,10 +68,10 @@ ablation)
     for arm in ect ect_target ect_smooth sct; do run "abl-$arm-s$seed" "$arm" "$seed" & done
     case " ${JOBS_EXTRA-refs precision} " in *" refs "*)
       run "ref-batch-s$seed" sct "$seed" "" batch &
-      run "ref-bank-s$seed" sct "$seed" '"loss.ref_size=4096"' bank & ;; esac
+      run "ref-bank-s$seed" sct "$seed" "loss.ref_size=4096" bank & ;; esac
     case " ${JOBS_EXTRA-refs precision} " in *" precision "*)
-      run "prec-fp16-s$seed" sct "$seed" '"precision=fp16"' &
-      run "prec-tf32-s$seed" sct "$seed" '"precision=tf32"' & ;; esac
+      run "prec-fp16-s$seed" sct "$seed" "precision=fp16" &
+      run "prec-tf32-s$seed" sct "$seed" "precision=tf32" & ;; esac
   done
   wait
   ;;

@@ -31,21 +31,21 @@
 # Re-running the same command resumes the run and keeps the evaluations already made.
 
 # %% tags=["parameters"]
-arm = "sct"                                 # ect | ect_target | ect_smooth | sct
-seed = 0                                    # training seed (three per arm)
-teacher = ""                                # a run folder or .safetensors of the diffusion teacher ('' = scratch: smoke only)
-data_path = "datasets/natural-32.zip"       # EDM-format zip (python -m sctlib.data natural ...)
-base_preset = "cifar10-ect"                 # preset the arm's overrides apply to
-overrides = []                              # extra key=value settings, e.g. ["net.model_channels=64", "batch_size=256"]
-ref_source = ""                             # stable-target arms: 'batch' | 'all' | 'bank' | 'dataset' ('' = the preset's)
-total_nimg = 2_000_000                      # training length in images
-eval_nimg = [250_000, 500_000, 1_000_000, 1_500_000, 2_000_000]  # FID points (images seen)
-fid_images = 10_000                         # generated images per FID
-fid_ref_images = 0                          # data images for the reference statistics (0 = all)
-inception_weights = ""                      # '' = the installed default (python -m sctlib.metrics install-inception)
-run_name = ""                               # runs/<run_name>/ (default: abl-<arm>-s<seed>)
-runs_dir = ""                               # where runs go (default: <repository>/runs)
-smoke = False                               # tiny CPU settings (plumbing only)
+arm: str = "sct"  # ect | ect_target | ect_smooth | sct
+seed: int = 0  # training seed (three per arm)
+teacher: str = ""  # a run folder or .safetensors of the diffusion teacher (empty: from scratch, smoke only)
+data_path: str = "datasets/natural-32.zip"  # EDM-format zip (python -m sctlib.data natural ...)
+base_preset: str = "cifar10-ect"  # preset the arm's overrides apply to
+overrides: str = ""  # extra settings as space-separated items of the form key equals value
+ref_source: str = ""  # stable-target arms: batch, all, bank or dataset (empty: the preset's)
+total_nimg: int = 2_000_000  # training length in images
+eval_nimg: str = "250000,500000,1000000,1500000,2000000"  # FID points in images seen, comma-separated
+fid_images: int = 10_000  # generated images per FID
+fid_ref_images: int = 0  # data images for the reference statistics (0 means all)
+inception_weights: str = ""  # empty: the installed default (python -m sctlib.metrics install-inception)
+run_name: str = ""  # runs/<run_name>/ (default: abl-<arm>-s<seed>)
+runs_dir: str = ""  # where runs go (default: <repository>/runs)
+smoke: bool = False  # tiny CPU settings on 64 digits images (plumbing only); the environment variable SCTLIB_SMOKE sets it too
 
 # %%
 import json
@@ -57,12 +57,18 @@ sct.book.setup(seed)
 root = sct.book.project_root()
 # Relative paths are read from the repository root (the notebook itself runs in pipelines/).
 abs_path = lambda p: str(root / p) if p and not Path(p).is_absolute() else p  # noqa: E731
-args = dict(overrides=list(overrides), total_nimg=total_nimg, eval_nimg=list(eval_nimg), fid_images=fid_images,
-            fid_ref_images=fid_ref_images)
+overrides = sct.pipeline.parse_overrides(overrides)
+args = dict(overrides=list(overrides), total_nimg=total_nimg, eval_nimg=sct.pipeline.parse_list(eval_nimg),
+            fid_images=fid_images, fid_ref_images=fid_ref_images)
+smoke = sct.pipeline.smoke_enabled(smoke)
+run_name = run_name or f"abl-{arm}-s{seed}" + ("-smoke" if smoke else "")
 if smoke:
     small = sct.ablation.smoke_params()
     args.update(small, overrides=small["overrides"] + list(overrides))
-run_name = run_name or f"abl-{arm}-s{seed}"
+    if not Path(abs_path(data_path)).exists():  # no data set here (as in CI): 64 digits images stand in
+        si = sct.pipeline.smoke_inputs("cifar10", Path(runs_dir or root / "runs") / run_name / "smoke-inputs")
+        data_path, inception_weights = si["data_path"], inception_weights or si["inception_weights"]
+        print(si["fid_note"])
 print(f"arm {arm}, seed {seed}: overrides {sct.ablation.arm_overrides(arm, ref_source)} on {base_preset}")
 print(json.dumps(args, indent=1))
 

@@ -45,7 +45,7 @@ FORMATS = ("fp32", "tf32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _ITEM_RE = re.compile(r"^(?P<fmt>[a-z0-9]+)@stage>=(?P<a>[0-9.eE+-]+)$")
 _SYNTAX = ("one of auto, fp32, tf32, bf16, fp16, or a stage rule FORMAT[,FORMAT@stage>=A]... with increasing "
-           "A, e.g. 'bf16,tf32@stage>=6'")
+           "A, e.g. 'bf16,tf32@stage>=6' or 'auto,tf32@stage>=4' (auto first: bf16 on CUDA, fp32 elsewhere)")
 
 
 class PrecisionError(ConfigError):
@@ -69,8 +69,11 @@ class PrecisionRule:
         if not isinstance(spec, str):
             raise PrecisionError(f"precision must be a string ({_SYNTAX}), got {spec!r}")
         s = spec.strip().lower().replace(" ", "")
-        if s == "auto":
-            s = "bf16" if device_type == "cuda" else "fp32"
+        # 'auto' (alone or as the first item) is bf16 on CUDA and fp32 elsewhere, so that a stage rule such as
+        # 'auto,tf32@stage>=4' runs in float32 on a CPU (where bf16 autocast only slows a run down).
+        head, sep, rest = s.partition(",")
+        if head == "auto":
+            s = ("bf16" if device_type == "cuda" else "fp32") + sep + rest
         if not s:
             raise PrecisionError(f"precision is empty; expected {_SYNTAX}")
         items = s.split(",")

@@ -36,6 +36,11 @@ def test_single_formats_and_auto():
         assert rule.formats == (f,) and rule.format_at(0.0) == f and rule.format_at(9.0) == f
     assert PrecisionRule.parse("auto", "cuda").formats == ("bf16",)
     assert PrecisionRule.parse("auto", "cpu").formats == ("fp32",)
+    # 'auto' as the first item of a stage rule (the paper-scale presets' default)
+    assert PrecisionRule.parse("auto,tf32@stage>=4", "cuda").formats == ("bf16", "tf32")
+    assert PrecisionRule.parse("auto,tf32@stage>=4", "cpu").formats == ("fp32", "tf32")
+    assert PrecisionRule.parse("auto,tf32@stage>=4", "cuda").format_at(3.9) == "bf16"
+    assert PrecisionRule.parse("auto,tf32@stage>=4", "cuda").format_at(4.0) == "tf32"
     assert PrecisionRule.parse(" BF16 ").formats == ("bf16",)
     assert PrecisionRule.parse("fp16").uses_fp16 and not PrecisionRule.parse("bf16").uses_fp16
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import List, Sequence
 
 __all__ = ["parse_list", "parse_overrides", "is_gpu_scale", "check_device", "smoke_enabled", "smoke_inputs",
-           "SMOKE_OVERRIDES", "GPUScaleOnCPU"]
+           "SMOKE_OVERRIDES", "GPUScaleOnCPU",
+           "random_inception_weights"]
 
 # A GPU-scale preset: more images than a CPU trains in an hour at this network size.
 _GPU_SCALE_NIMG = 1_000_000
@@ -114,13 +115,13 @@ def smoke_inputs(dataset: str, folder, *, num_images: int = 64) -> dict:
     try:
         weights, note = str(inception.resolve_inception_weights()), "real Inception weights"
     except inception.InceptionWeightsMissing:
-        weights = str(_random_inception_weights(folder / "random-inception.pth"))
+        weights = str(random_inception_weights(folder / "random-inception.pth"))
         note = "random Inception weights (no real ones installed): these FIDs only exercise the code"
     return {"data_path": str(zip_path), "inception_weights": weights, "fid_note": note,
             "overrides": list(SMOKE_OVERRIDES[dataset])}
 
 
-def _random_inception_weights(path: Path) -> Path:
+def random_inception_weights(path: Path) -> Path:
     """torch-fidelity's InceptionV3 layout with He-normal random convolutions (plumbing only)."""
     if path.exists():
         return path

@@ -1,12 +1,11 @@
 """Shared fixtures."""
-import math
 import os
-from unittest import mock
 
 import pytest
-import torch
 
-_SESSION_CACHE = os.environ.get("SCTLIB_CACHE") or None
+# The cache as the session started (fixed at import): some tests point $SCTLIB_CACHE at a temporary folder
+# for a while, and a session fixture first used inside one of them must not look there.
+_SESSION_CACHE = os.environ.get("SCTLIB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sctlib")
 
 
 @pytest.fixture(scope="session")
@@ -15,21 +14,9 @@ def random_inception_weights(tmp_path_factory):
 
     For plumbing tests only: FIDs computed with it mean nothing.
     """
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
+    from sctlib.pipeline import random_inception_weights as write_random
 
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
-         mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None):
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    g = torch.Generator().manual_seed(0)
-    sd = {}
-    for k, v in net.state_dict().items():
-        if k.endswith("conv.weight") or k == "fc.weight":
-            fan_in = v[0].numel()
-            v = torch.randn(v.shape, generator=g) * math.sqrt(2.0 / fan_in)
-        sd[k] = v.clone()
-    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    torch.save(sd, path)
-    return path
+    return write_random(tmp_path_factory.mktemp("inception") / "random-inception.pth")
 
 
 @pytest.fixture(scope="session")

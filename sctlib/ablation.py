@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 __all__ = ["ARMS", "ARM_OVERRIDES", "SMOKE_OVERRIDES", "smoke_params", "arm_overrides", "supported_overrides", "gradient_variance",
-           "run_arm", "aggregate_arms", "plot_fid_curves", "STATS_KEYS"]
+           "run_arm", "aggregate_arms", "plot_fid_curves", "STATS_KEYS", "load_run_model", "teacher_record",
+           "guidance_record", "regroup", "final_diagnostics", "evidence_records", "plot_guidance", "DIAG_KEYS"]
 
 ARMS: Tuple[str, ...] = ("ect", "ect_target", "ect_smooth", "sct")
 ARM_OVERRIDES: Dict[str, Tuple[str, ...]] = {
@@ -65,6 +66,7 @@ def smoke_params() -> dict:
 STATS_KEYS: Tuple[str, ...] = (
     "nimg", "loss", "loss_std", "stage_exponent", "t_bin_edges", "residual_mean", "residual_var", "residual_count",
     "sct_ess_mean", "sct_frac_mixed", "sct_own_weight_mean", "sct_ess_bins", "sct_frac_mixed_bins", "grad_norm",
+    "precision", "skipped_steps", "fp16_skipped_steps", "loss_scale", "img_per_s",
 )
 
 
@@ -250,6 +252,81 @@ def run_arm(arm: str, *, seed: int, data_path: str, base_preset: str, teacher: s
     return json.loads((run_dir / "results.json").read_text())
 
 
+def load_run_model(run_dir, *, device=None, ema: bool = True):
+    """(model, cfg) of a run folder, finished or not: ``final`` if it exists, else the newest checkpoint
+    (its EMA weights when ``ema``), with the run's resolved ``config.json``. A time-boxed teacher has no
+    ``final``; this is what its tuning runs start from (``init=<run folder>``)."""
+    from .config import TrainConfig, from_dict
+    from .networks import build_network
+    from .train import _init_state_dict
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no config.json (not a run folder)")
+    raw = json.loads(cfg_path.read_text())
+    cfg = from_dict(TrainConfig, raw.get("config", raw))
+    model = build_network(cfg.net)
+    model.load_state_dict(_init_state_dict(str(run_dir), ema=ema))
+    return model.to(device or "cpu").eval(), cfg
+
+
+def teacher_record(run_dir, *, data_path: str, fid_images: int, fid_ref_images: int = 0, out=None,
+                   inception_weights: Optional[str] = None, steps: int = 18) -> dict:
+    """FID of a diffusion teacher with EDM's Heun sampler (``steps`` steps, 2 steps - 1 network evaluations),
+    EMA weights of its newest checkpoint, seed set 0; written as JSON to ``out`` when given."""
+    import time
+
+    from . import evaluate, metrics
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg = load_run_model(run_dir, device=device)
+    extractor = metrics.load_inception(inception_weights, device=device)
+    ref = metrics.inception_reference_stats(data_path, extractor=extractor, max_images=fid_ref_images or None,
+                                            device=device, progress=False)
+    t0 = time.time()
+    rep = evaluate.fid_report(model, cfg, ref, num_images=fid_images, seeds=(0,), steps=(steps,),
+                              extractor=extractor, device=device, progress=False, sampler="heun")
+    stats = _read_jsonl(Path(run_dir) / "stats.jsonl")
+    rec = {"run": str(run_dir), "sampler": "heun", "steps": steps, "nfe": 2 * steps - 1,
+           "fid": rep[f"fid_{steps}step"]["mean"], "fid_images": int(fid_images),
+           "fid_ref_images": int(fid_ref_images), "nimg": stats[-1]["nimg"] if stats else None,
+           "seconds": time.time() - t0, "inception": str(extractor.weights_path)}
+    if out:
+        Path(out).write_text(json.dumps(rec, indent=1))
+    return rec
+
+
+def guidance_record(run_dir, *, data_path: str, fid_images: int, fid_ref_images: int = 0, out=None,
+                    ws: Sequence[float] = (1.0, 1.2, 1.4, 1.7, 2.0), steps: Sequence[int] = (1, 2),
+                    inception_weights: Optional[str] = None) -> dict:
+    """Autoguidance of a finished run by its own EMA snapshots (SCT Sec. 4.4 / Fig. 6 [RECON]):
+    :func:`sctlib.evaluate.guidance_sweep` with FID at 1 and 2 steps for every snapshot fraction and w.
+    Written as JSON to ``out`` when given."""
+    from . import evaluate, metrics
+    from .train import load_run
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_run(run_dir)
+    model = model.to(device).eval()
+    _, cfg = load_run_model(run_dir)
+    extractor = metrics.load_inception(inception_weights, device=device)
+    ref = metrics.inception_reference_stats(data_path, extractor=extractor, max_images=fid_ref_images or None,
+                                            device=device, progress=False)
+
+    def score(guide, w):
+        rep = evaluate.fid_report(model, cfg, ref, num_images=fid_images, seeds=(0,), steps=steps,
+                                  extractor=extractor, device=device, progress=False, guide=guide, w=w)
+        return {f"fid_{k}step": rep[f"fid_{k}step"]["mean"] for k in steps}
+
+    rows = evaluate.guidance_sweep(model, run_dir, score, ws=ws, device=device)
+    rec = {"run": str(run_dir), "rows": rows, "ws": list(ws), "fid_images": int(fid_images),
+           "fid_ref_images": int(fid_ref_images), "inception": str(extractor.weights_path)}
+    if out:
+        Path(out).write_text(json.dumps(rec, indent=1))
+    return rec
+
+
 def aggregate_arms(records: Sequence[dict], keys: Sequence[str] = ("fid_1step", "fid_2step", "grad_var_trace")) -> List[dict]:
     """Mean and sample standard deviation (ddof 1; 0 for one seed) over seeds, per arm and eval point.
 
@@ -304,6 +381,117 @@ def plot_fid_curves(rows: Sequence[dict], *, steps: Sequence[int] = (1, 2), axes
         ax.set_ylabel(f"FID, {k} step{'s' if k > 1 else ''}")
         if log_y:
             ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# From a set of runs (experiments/natural32.sh collect) to the book's records.
+
+DIAG_KEYS: Tuple[str, ...] = ("sct_ess_mean", "sct_frac_mixed", "sct_own_weight_mean", "fp16_skipped_steps",
+                              "skipped_steps", "img_per_s")
+
+
+def regroup(runs: Dict[str, dict], group_of: Callable[[str], Optional[str]]) -> List[dict]:
+    """The ``results`` parts of the runs whose name ``group_of`` maps to a group, with ``arm`` set to that
+    group (so :func:`aggregate_arms` averages over the seeds of a group). Runs mapped to None are left out."""
+    out = []
+    for name in sorted(runs):
+        group = group_of(name)
+        if group is None:
+            continue
+        r = copy.deepcopy(runs[name].get("results", runs[name]))
+        r["arm"], r["run"] = group, name
+        out.append(r)
+    return out
+
+
+def final_diagnostics(results: Sequence[dict], keys: Sequence[str] = DIAG_KEYS) -> List[dict]:
+    """Per group: mean and sd over seeds of the last tick's diagnostics (``stats``), and the sum over ticks of
+    the skipped-step counters. Keys a run does not log (ESS for ECT arms) are left out."""
+    by: Dict[str, List[dict]] = {}
+    for r in results:
+        by.setdefault(r["arm"], []).append(r)
+    rows = []
+    for group, rs in by.items():
+        row = {"group": group, "n_seeds": len(rs)}
+        for k in keys:
+            if k.endswith("skipped_steps"):
+                vals = [sum(float(t.get(k) or 0) for t in r["stats"]) for r in rs if any(k in t for t in r["stats"])]
+            else:
+                vals = [float(r["stats"][-1][k]) for r in rs if r["stats"] and r["stats"][-1].get(k) is not None]
+            if vals:
+                row[f"{k}_mean"] = float(np.mean(vals))
+                row[f"{k}_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+_EVIDENCE_GROUPS: Dict[str, Callable[[str], Optional[str]]] = {
+    # record name -> run name -> group
+    "ablation": lambda n: n.split("-")[1] if n.startswith("abl-") else None,
+    "precision": lambda n: n.split("-")[1] if n.startswith("prec-") else None,
+    "reference_sources": lambda n: ("dataset" if n.startswith("abl-sct-") else
+                                    "bank (4,096)" if n.startswith("ref-bank-") else
+                                    "batch" if n.startswith("ref-batch-") else None),
+}
+
+
+def evidence_records(runs: Dict[str, dict], *, prefix: str, command: str, setting: str,
+                     guidance: Optional[dict] = None, teacher: Optional[dict] = None) -> Dict[str, dict]:
+    """Book records (``book/results/<prefix>_<kind>.json``) from complete runs ``{run name: results.json}``.
+
+    Groups by run name: ``abl-<arm>-s<seed>`` (the ablation), ``prec-<format>-s<seed>`` (matched precision
+    runs), ``ref-<batch|bank>-s<seed>`` with ``abl-sct-s<seed>`` as the whole-set source (SCT Fig. 4). Each
+    record holds the mean / sd table over seeds (:func:`aggregate_arms`), the last-tick diagnostics
+    (:func:`final_diagnostics`), every run's curve, ``command`` and ``setting`` (the sizes, in words).
+    ``guidance`` (:func:`guidance_record`) and ``teacher`` (:func:`teacher_record`) become records of their own.
+    """
+    out: Dict[str, dict] = {}
+    for kind, group_of in _EVIDENCE_GROUPS.items():
+        res = regroup(runs, group_of)
+        if not res:
+            continue
+        by_group: Dict[str, set] = {}
+        for r in res:
+            by_group.setdefault(r["arm"], set()).add(int(r["seed"]))
+        out[f"{prefix}_{kind}"] = {
+            "results": {"rows": aggregate_arms(res), "diagnostics": final_diagnostics(res),
+                        "curves": [{"run": r["run"], "group": r["arm"], "seed": r["seed"], "curve": r["curve"]}
+                                   for r in res]},
+            "groups": {g: sorted(s) for g, s in by_group.items()},
+            "command": command, "setting": setting,
+            "runs": {r["run"]: {k: runs[r["run"]].get(k) for k in ("settings", "git_sha", "written", "host",
+                                                                   "total_nimg", "fid_images", "inception")}
+                     for r in res},
+        }
+    if guidance:
+        out[f"{prefix}_guidance"] = {"results": {"rows": guidance["rows"]}, "command": command, "setting": setting,
+                                     **{k: v for k, v in guidance.items() if k != "rows"}}
+    if teacher:
+        out[f"{prefix}_teacher"] = {"results": teacher, "command": command, "setting": setting}
+    return out
+
+
+def plot_guidance(rows: Sequence[dict], *, steps: Sequence[int] = (1, 2)):
+    """FID against the guidance strength w, one line per EMA-snapshot fraction, the unguided model as a
+    dashed line (rows of :func:`guidance_record`). Returns the matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(steps), figsize=(5.0 * len(steps), 3.4), squeeze=False)
+    base = next((r for r in rows if r["frac"] is None), None)
+    fracs = sorted({r["frac"] for r in rows if r["frac"] is not None})
+    for ax, k in zip(axes[0], steps):
+        for f in fracs:
+            rr = sorted((r for r in rows if r["frac"] == f), key=lambda r: r["w"])
+            ws = [1.0] + [r["w"] for r in rr] if base else [r["w"] for r in rr]
+            v = ([base[f"fid_{k}step"]] if base else []) + [r[f"fid_{k}step"] for r in rr]
+            ax.plot(ws, v, marker="o", ms=3, label=f"guide: EMA at {f:.0%} of training")
+        if base:
+            ax.axhline(base[f"fid_{k}step"], color="grey", ls="--", lw=1, label="unguided")
+        ax.set_xlabel("guidance strength w")
+        ax.set_ylabel(f"FID, {k} step{'s' if k > 1 else ''}")
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

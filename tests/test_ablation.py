@@ -158,3 +158,54 @@ def test_ablation_pipeline_smoke_then_an_arm_from_that_teacher(tmp_path, monkeyp
     assert again["results"]["curve"] == rec2["results"]["curve"]
     rows = A.aggregate_arms([rec, rec2])
     assert [r["arm"] for r in rows] == ["ect", "ect", "sct", "sct"] and np.isfinite(rows[-1]["fid_1step_mean"])
+
+    # the teacher's Heun FID, autoguidance by the SCT run's own EMA snapshots, and the book records
+    trec = A.teacher_record(runs / "t-ect", data_path=data, fid_images=8, fid_ref_images=16, steps=2,
+                            inception_weights=str(real_inception_file), out=tmp_path / "teacher.json")
+    assert trec["sampler"] == "heun" and trec["nfe"] == 3 and math.isfinite(trec["fid"]) and trec["nimg"] == 32
+    assert json.loads((tmp_path / "teacher.json").read_text())["fid"] == trec["fid"]
+    g = A.guidance_record(runs / "t-sct", data_path=data, fid_images=8, fid_ref_images=16, ws=(1.0, 1.5),
+                          steps=(1,), inception_weights=str(real_inception_file))
+    fracs = sorted(r["frac"] for r in g["rows"] if r["frac"] is not None)
+    assert fracs == [0.25, 0.5, 0.75] and [r["w"] for r in g["rows"]] == [1.0, 1.5, 1.5, 1.5]
+    assert all(math.isfinite(r["fid_1step"]) for r in g["rows"])
+    assert len({r["fid_1step"] for r in g["rows"]}) > 1  # the guide changes the samples
+    books = A.evidence_records({"abl-ect-s0": rec, "abl-sct-s1": rec2}, prefix="t", command="c", setting="s",
+                               guidance=g, teacher=trec)
+    assert sorted(books) == ["t_ablation", "t_guidance", "t_reference_sources", "t_teacher"]
+    assert [r["arm"] for r in books["t_ablation"]["results"]["rows"]] == ["ect", "ect", "sct", "sct"]
+    assert books["t_reference_sources"]["groups"] == {"dataset": [1]}
+
+
+def _fake_run(arm, seed, fids, stats):
+    return {"results": {"arm": arm, "seed": seed, "stats": stats,
+                        "curve": [{"eval_point": 10 * (i + 1), "fid_1step": f, "fid_2step": f / 2,
+                                   "grad_var_trace": 1.0 + i} for i, f in enumerate(fids)]},
+            "settings": [f"seed={seed}"], "git_sha": "x"}
+
+
+def test_evidence_records_group_runs_by_name_and_average_over_seeds():
+    runs = {
+        "abl-ect-s0": _fake_run("ect", 0, [10.0, 8.0], [{"nimg": 20, "loss": 1.0}]),
+        "abl-ect-s1": _fake_run("ect", 1, [12.0, 6.0], [{"nimg": 20, "loss": 1.0}]),
+        "abl-sct-s0": _fake_run("sct", 0, [9.0, 5.0], [{"nimg": 20, "sct_ess_mean": 3.0}]),
+        "abl-sct-s1": _fake_run("sct", 1, [7.0, 5.0], [{"nimg": 20, "sct_ess_mean": 5.0}]),
+        "prec-fp16-s0": _fake_run("sct", 0, [20.0, 10.0], [{"nimg": 10, "fp16_skipped_steps": 3},
+                                                           {"nimg": 20, "fp16_skipped_steps": 2}]),
+        "prec-bf16-s0": _fake_run("sct", 0, [21.0, 11.0], [{"nimg": 20, "fp16_skipped_steps": 0}]),
+        "ref-batch-s0": _fake_run("sct", 0, [30.0, 20.0], [{"nimg": 20}]),
+        "ref-bank-s0": _fake_run("sct", 0, [31.0, 21.0], [{"nimg": 20}]),
+        "other-run": _fake_run("ect", 5, [1.0, 1.0], []),
+    }
+    rec = A.evidence_records(runs, prefix="n", command="cmd", setting="set")
+    assert sorted(rec) == ["n_ablation", "n_precision", "n_reference_sources"]
+    abl = {(r["arm"], r["nimg"]): r for r in rec["n_ablation"]["results"]["rows"]}
+    assert abl[("ect", 10)]["fid_1step_mean"] == 11.0 and abs(abl[("ect", 10)]["fid_1step_sd"] - 2 ** 0.5) < 1e-12
+    assert abl[("sct", 20)]["fid_2step_mean"] == 2.5 and abl[("sct", 20)]["n_seeds"] == 2
+    diag = {d["group"]: d for d in rec["n_ablation"]["results"]["diagnostics"]}
+    assert diag["sct"]["sct_ess_mean_mean"] == 4.0 and "sct_ess_mean_mean" not in diag["ect"]
+    pdiag = {d["group"]: d for d in rec["n_precision"]["results"]["diagnostics"]}
+    assert pdiag["fp16"]["fp16_skipped_steps_mean"] == 5.0 and pdiag["bf16"]["fp16_skipped_steps_mean"] == 0.0
+    assert rec["n_reference_sources"]["groups"] == {"batch": [0], "bank (4,096)": [0], "dataset": [0, 1]}
+    assert set(rec["n_precision"]["runs"]) == {"prec-fp16-s0", "prec-bf16-s0"}
+    assert rec["n_ablation"]["command"] == "cmd" and rec["n_ablation"]["setting"] == "set"

@@ -28,7 +28,7 @@ import torch
 from sctlib.targets import REF_SOURCES, ReferenceBank, _class_index, _per_row, gather_references, posterior_mean
 
 __all__ = ["ReferenceSource", "GatheredReferences", "ClassBalancedBank", "DatasetReferences", "build_references",
-           "dataset_tensors", "REF_COMPUTES", "exact_fp32_matmul"]
+           "dataset_tensors", "REF_COMPUTES", "exact_fp32_matmul", "split_tf32"]
 
 # How DatasetReferences computes the softmax: 'mixed' (fp32 screening + exact float64 top-k, the default) or
 # 'float64' (every logit and the weighted sum in float64; the exact reference the tests compare against).
@@ -235,12 +235,16 @@ class DatasetReferences(ReferenceSource):
 
     def __init__(self, X: torch.Tensor, labels: Optional[torch.Tensor] = None, *, ref_size: int = 0,
                  seed: int = 0, device=None, dup_rms: float = 0.005, elements_per_chunk: int = 2**26,
-                 compute: str = "mixed", topk: int = 16):
+                 compute: str = "mixed", topk: int = 16, split_tf32: Optional[bool] = None):
         if compute not in REF_COMPUTES:
             raise ValueError(f"DatasetReferences: compute must be one of {', '.join(REF_COMPUTES)}, got {compute!r}")
         if topk < 1:
             raise ValueError(f"DatasetReferences: topk must be >= 1, got {topk}")
         self.compute, self.topk = compute, int(topk)
+        # Unconditional 'mixed' GEMMs on TF32 tensor cores with the float32 operand split into three
+        # TF32-exact pieces (:func:`split_tf32`): the products are those of a float32 GEMM. None = on CUDA
+        # only (on a CPU the split only triples the work).
+        self.split_tf32 = split_tf32
         if X.ndim < 2 or X.shape[0] < 1:
             raise ValueError(f"DatasetReferences: need images [N, ...] with N >= 1, got shape {tuple(X.shape)}")
         device = torch.device(device) if device is not None else X.device
@@ -387,8 +391,11 @@ class DatasetReferences(ReferenceSource):
 
         1. Screening (every reference): l~_i = (x.ref_i - x.o - (||ref_i||^2 - ||o||^2) / 2) / t^2 with x.ref_i =
            a (x.u_i) + b sum(x) from a float32 GEMM on the stored values u_i (uint8 -> float32 is exact;
-           ref = a u + b, (a, b) = (1/127.5, -1)); TF32 is off for the call (:func:`exact_fp32_matmul`),
-           so the error of a dot is the float32 accumulation error, |e_i| <~ c eps32 sum_k |x_k u_k|
+           ref = a u + b, (a, b) = (1/127.5, -1)). TF32 is off for the call (:func:`exact_fp32_matmul`):
+           its 10-bit inputs would put ~1e-3 |x||u| into every dot. Unconditional, on CUDA, the GEMM runs on
+           TF32 tensor cores all the same, but with the float32 operand split into three TF32-exact pieces
+           (:func:`split_tf32`; u <= 255 is exact in TF32), so every product is exact and the result is that
+           of a float32 GEMM. Either way the error of a dot is the float32 accumulation error, |e_i| <~ c eps32 sum_k |x_k u_k|
            (eps32 = 6e-8; c ~ sqrt(log d) for cuBLAS' blocked sums), i.e. |l~_i - l_i| <= E(t) = e_dot a / t^2.
            The copies of the own image (||o - ref_i||^2 <= d dup_rms^2) are skipped on the same dots.
         2. Exact top-k: the ``topk`` largest l~ of each row are recomputed in float64 from differences,
@@ -448,12 +455,17 @@ class DatasetReferences(ReferenceSource):
                 keep = keep if ok is None else keep & ok
                 return logits.masked_fill(~keep, float("-inf")).to(f32), keep.sum(1)
 
+            split = (dev.type == "cuda") if self.split_tf32 is None else bool(self.split_tf32)
             if not cond:
                 step = max(1, min(chunk_size, self.elements_per_chunk // max(self.d, 1)))
                 chunks = [(s, min(s + step, N)) for s in range(0, N, step)]
+                q_in = split_tf32(q) if split else q                   # [6B, d] or [2B, d]
                 for s, e in chunks:
-                    U = self.store[s:e].to(f32)
-                    dots = q @ U.T                                      # [2B, n_c]
+                    U = self.store[s:e].to(f32)                         # u <= 255: exact in float32 and TF32
+                    with _tf32(split):
+                        dots = _mm(q_in, U.T)                           # [6B, n_c] / [2B, n_c]
+                    if split:
+                        dots = dots.double().reshape(3, 2 * B, -1).sum(0)  # exact pieces: float32 GEMM products
                     L[:, s:e], n = screen(dots[:B], dots[B:], self.sq[None, s:e])
                     n_refs += n
                 lo = None
@@ -470,7 +482,7 @@ class DatasetReferences(ReferenceSource):
                     valid = idx < hi[:, None]
                     idx = torch.where(valid, idx, lo[:, None])
                     U = self.store[idx].to(f32)                         # [B, rows, d]: uint8 gather, 4 B/elem
-                    dots = torch.bmm(q3, U.transpose(1, 2))             # [B, 2, rows]
+                    dots = _mm(q3, U.transpose(1, 2))                   # [B, 2, rows], TF32 off
                     L[:, j:e], n = screen(dots[:, 0], dots[:, 1], self.sq[idx], valid)
                     n_refs += n
                     if len(chunks) == 1:
@@ -496,8 +508,11 @@ class DatasetReferences(ReferenceSource):
             wr32 = w_rest.to(f32)
             rest_u = torch.zeros((B, self.d), dtype=f32, device=dev)
             if not cond:
+                w_in = split_tf32(wr32) if split else wr32
                 for s, e in chunks:
-                    rest_u += wr32[:, s:e] @ self.store[s:e].to(f32)
+                    with _tf32(split):
+                        part = _mm(w_in[:, s:e], self.store[s:e].to(f32))
+                    rest_u += part.reshape(3, B, -1).sum(0) if split else part
             else:
                 for j, e in chunks:
                     if kept is None:
@@ -506,7 +521,7 @@ class DatasetReferences(ReferenceSource):
                         U = self.store[idx].to(f32)
                     else:
                         U = kept
-                    rest_u += torch.bmm(wr32[:, None, j:e], U)[:, 0]
+                    rest_u += _mm(wr32[:, None, j:e], U)[:, 0]
             acc = acc + rest_u.double() * a + b * w_rest.sum(1, keepdim=True)
         x0_hat = acc.to(out_dtype).reshape(x_t.shape).to(x_t.device)
         stats = {"fallback": torch.zeros((), dtype=torch.int64, device=dev), "ess": ess,
@@ -514,6 +529,39 @@ class DatasetReferences(ReferenceSource):
         if return_weights:
             stats["weights"] = w_rest.scatter(1, pos, w_k)
         return x0_hat, stats
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The float32 (batched) matmuls of the mixed path, in one place: the tests replace it with an emulation
+    of TF32 tensor cores (inputs truncated to 10 mantissa bits while the TF32 flag is on)."""
+    return torch.matmul(a, b)
+
+
+def split_tf32(q: torch.Tensor) -> torch.Tensor:
+    """[3M, ...] = (hi, mid, lo) with hi + mid + lo == q exactly and every piece exact in TF32.
+
+    TF32 keeps 10 of float32's 23 stored mantissa bits. hi = q with the low 13 bits cleared; mid = the same
+    for q - hi (exact: the low bits of q); lo = the rest (<= 2 significant bits). With the other operand
+    exact in TF32 too (uint8 values u <= 255: 8 bits), every product piece x u is exact in float32, so a
+    TF32 tensor-core GEMM of the pieces carries only the float32 accumulation error: a float32 GEMM at
+    tensor-core speed (3x the flops, several times the rate of float32 CUDA cores on Hopper).
+    """
+    q = q.contiguous().to(torch.float32)
+    mask = -(1 << 13)  # 0xFFFFE000: sign, exponent, top 10 mantissa bits
+    hi = (q.view(torch.int32) & mask).view(torch.float32)
+    r = q - hi
+    mid = (r.view(torch.int32) & mask).view(torch.float32)
+    return torch.cat([hi, mid, r - mid])
+
+
+@contextlib.contextmanager
+def _tf32(on: bool):
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = bool(on)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 @contextlib.contextmanager

@@ -172,15 +172,16 @@ def smooth_with_near_duplicates(seed=0, n=240, shape=(3, 16, 16)):
 T_GRID = [0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0]
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("conditional", [False, True])
-def test_mixed_matches_float64_across_t_with_near_duplicates(conditional):
+def test_mixed_matches_float64_across_t_with_near_duplicates(conditional, split):
     U, g = smooth_with_near_duplicates()
     N = U.shape[0]
     X = U.float() / 127.5 - 1
     y = torch.arange(N) % 3
     # dup_rms 5e-4: a copy one level apart in 2% of the pixels (||.||^2 ~ 1e-3) is a reference of its own;
     # the logits then mix own image and near-copy at t ~ 0.02, where float32 screening is off by ~1 nat.
-    src = DatasetReferences(U, y if conditional else None, dup_rms=5e-4, elements_per_chunk=64 * 768)
+    src = DatasetReferences(U, y if conditional else None, dup_rms=5e-4, elements_per_chunk=64 * 768, split_tf32=split)
     idx = torch.cat([torch.arange(0, 70, 3), torch.randint(0, N, (8,), generator=g)])
     B = idx.shape[0]
     x0, lab = X[idx], (y[idx] if conditional else None)
@@ -263,3 +264,64 @@ def test_ref_compute_config_field_reaches_the_source():
         C.validate(C.override(cfg, **{"loss.ref_compute": "fp16"}))
     with pytest.raises(ValueError, match="compute"):
         DatasetReferences(X, compute="fp16")
+
+
+def _tf32_truncate(x):
+    return (x.contiguous().to(torch.float32).view(torch.int32) & -(1 << 13)).view(torch.float32)
+
+
+def test_split_tf32_pieces_are_exact_in_tf32_and_sum_to_the_input():
+    from sctlib.references import split_tf32
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(6, 500, generator=g) * torch.logspace(-4, 2, 500)
+    p = split_tf32(q).reshape(3, 6, 500)
+    assert torch.equal(p[0] + p[1] + p[2], q)
+    assert torch.equal(_tf32_truncate(p), p)  # nothing for a TF32 tensor core to drop
+    U = torch.randint(0, 256, (40, 500), generator=g).float()
+    exact = q.double() @ U.double().T
+    via_pieces = sum(_tf32_truncate(p[i]).double() @ U.double().T for i in range(3))
+    plain = _tf32_truncate(q).double() @ U.double().T
+    scale = q.abs().double() @ U.double().T
+    assert float(((via_pieces - exact).abs() / scale).max()) < 1e-12
+    assert float(((plain - exact).abs() / scale).max()) > 1e-5  # unsplit TF32: ~2^-11 per input
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_mixed_under_emulated_tf32_tensor_cores(conditional, monkeypatch):
+    """The training step runs with TF32 on. With the matmuls replaced by an emulation of TF32 tensor cores
+    (inputs truncated to 10 mantissa bits while the flag is on), 'mixed' with the TF32 split still
+    matches 'float64': the split pieces are exact, and the per-class path turns TF32 off."""
+    import sctlib.references as refs
+
+    def tf32_matmul(a, b):
+        if torch.backends.cuda.matmul.allow_tf32:
+            a, b = _tf32_truncate(a), _tf32_truncate(b)
+        return torch.matmul(a, b)
+
+    monkeypatch.setattr(refs, "_mm", tf32_matmul)
+    U, g = smooth_with_near_duplicates(seed=5)
+    N = U.shape[0]
+    X = U.float() / 127.5 - 1
+    y = torch.arange(N) % 3
+    src = DatasetReferences(U, y if conditional else None, dup_rms=5e-4, split_tf32=True,
+                            elements_per_chunk=64 * 768)
+    idx = torch.cat([torch.arange(0, 70, 3), torch.randint(0, N, (8,), generator=g)])
+    B = idx.shape[0]
+    x0, lab = X[idx], (y[idx] if conditional else None)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        for t in T_GRID:
+            x_t = x0 + t * torch.randn(x0.shape, generator=g)
+            tt = torch.full((B,), t)
+            ref, st_ref = src(x_t, tt, x0, lab, compute="float64", return_weights=True)
+            mix, st_mix = src(x_t, tt, x0, lab, compute="mixed", return_weights=True)
+            assert torch.backends.cuda.matmul.allow_tf32  # the caller's flag survives
+            num = (mix.double() - ref.double()).reshape(B, -1).norm(dim=1)
+            den = (x_t.double() - ref.double()).reshape(B, -1).norm(dim=1)
+            assert float((num / den).max()) <= 1e-3, t
+            assert float((st_mix["weights"] - st_ref["weights"]).abs().max()) <= 1e-4, t
+            assert torch.equal(st_mix["n_refs"], st_ref["n_refs"]), t
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

@@ -457,7 +457,9 @@ class DatasetReferences(ReferenceSource):
                 keep = keep if ok is None else keep & ok
                 return logits.masked_fill(~keep, float("-inf")).to(f32), keep.sum(1)
 
-            split = (dev.type == "cuda") if self.split_tf32 is None else bool(self.split_tf32)
+            # The split needs the stored operand exact in TF32: the uint8 grid is (8 bits), a float32 store
+            # (digits, 2-D toys) is not, so that one keeps plain float32 GEMMs.
+            split = self.is_uint8 and ((dev.type == "cuda") if self.split_tf32 is None else bool(self.split_tf32))
             if not cond:
                 step = max(1, min(chunk_size, self.elements_per_chunk // max(self.d, 1)))
                 chunks = [(s, min(s + step, N)) for s in range(0, N, step)]

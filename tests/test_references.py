@@ -325,3 +325,29 @@ def test_mixed_under_emulated_tf32_tensor_cores(conditional, monkeypatch):
             assert torch.equal(st_mix["n_refs"], st_ref["n_refs"]), t
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_mixed_float_store_never_splits_for_tf32(monkeypatch):
+    """A float32 store (off the uint8 grid) is not exact in TF32, so 'mixed' keeps plain float32 GEMMs
+    (TF32 off) for it even when the split is asked for."""
+    import sctlib.references as refs
+
+    def tf32_matmul(a, b):
+        if torch.backends.cuda.matmul.allow_tf32:
+            a, b = _tf32_truncate(a), _tf32_truncate(b)
+        return torch.matmul(a, b)
+
+    monkeypatch.setattr(refs, "_mm", tf32_matmul)
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(300, 8, generator=g) * 0.3
+    src = DatasetReferences(X, split_tf32=True)
+    assert not src.is_uint8
+    x0 = X[:10]
+    for t in (0.05, 0.3, 1.0, 5.0):
+        x_t = x0 + t * torch.randn(x0.shape, generator=g)
+        ref, sr = src(x_t, t, x0, compute="float64", return_weights=True)
+        mix, sm = src(x_t, t, x0, compute="mixed", return_weights=True)
+        num = (mix.double() - ref.double()).norm(dim=1)
+        den = (x_t.double() - ref.double()).norm(dim=1)
+        assert float((num / den).max()) <= 1e-3, t
+        assert float((sm["weights"] - sr["weights"]).abs().max()) <= 1e-4, t

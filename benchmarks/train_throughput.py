@@ -6,7 +6,7 @@ goal (issue 12): >= 2x the official ECT code's best row on the same GPU,
 i.e. >= 1,380 img/s for CIFAR-10 DDPM++ and >= 470 img/s for EDM2-S at 64x64, with SCT costing <= 5%
 over ECT.
 
-    python benchmarks/train_throughput.py --nets cifar10,imagenet64-s --steps 30 --warmup 10 --out bench.json
+    python benchmarks/train_throughput.py --nets cifar10,imagenet64-s --steps 10 --rounds 5 --out bench.json
     python benchmarks/train_throughput.py --tiny        # CPU plumbing check with small networks
 
 SCT's reference sources (issue 13: each at most 5% over the ECT step) are rows of their own with ``--refs``:
@@ -17,12 +17,19 @@ SCT's reference sources (issue 13: each at most 5% over the ECT step) are rows o
 'batch' = the local batch; 'bank' = a 4,096-image memory bank; 'dataset-all' = 50,000 references (all of
 CIFAR-10); 'dataset-class' = references from the sample's class with 1,300 images per class (ImageNet-64's
 ~1,281; only for class-conditional nets). The dataset rows hold the synthetic set on the device as uint8,
-as the trainer does with a real one.
+as the trainer does with a real one. They use loss.ref_compute='mixed'; 'dataset-all-f64' and
+'dataset-class-f64' are the same with ref_compute='float64' (the exact path), so one run compares both.
+
+Measurement: every row of a net is built and warmed up first, then the rows are timed in ``--rounds``
+interleaved rounds of ``--steps`` steps each (ECT, SCT[...], ECT, SCT[...], ...), and img/s is the median
+over rounds: drifts of the GPU clock or of other load hit every row alike, and one slow round does not
+count. Ratios (x base, SCT/ECT) are of medians; 'spread' is (max - min) / median over the rounds.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +38,7 @@ from dataclasses import replace
 import torch
 
 from sctlib import config as C
+from sctlib.precision import set_tf32
 from sctlib.train import Trainer
 
 VARIANTS = {
@@ -48,8 +56,14 @@ REF_VARIANTS = {
     "preset": ({}, 0, 0),
     "batch": ({"ref_source": "batch"}, 0, 0),
     "bank": ({"ref_source": "bank", "ref_size": 4096, "ref_per_class": 0}, 0, 0),
-    "dataset-all": ({"ref_source": "dataset", "ref_size": 0, "ref_conditional": False}, 50_000, 0),
-    "dataset-class": ({"ref_source": "dataset", "ref_size": 0, "ref_conditional": True}, 13_000, 10),
+    "dataset-all": ({"ref_source": "dataset", "ref_size": 0, "ref_conditional": False, "ref_compute": "mixed"},
+                    50_000, 0),
+    "dataset-class": ({"ref_source": "dataset", "ref_size": 0, "ref_conditional": True, "ref_compute": "mixed"},
+                      13_000, 10),
+    "dataset-all-f64": ({"ref_source": "dataset", "ref_size": 0, "ref_conditional": False,
+                         "ref_compute": "float64"}, 50_000, 0),
+    "dataset-class-f64": ({"ref_source": "dataset", "ref_size": 0, "ref_conditional": True,
+                           "ref_compute": "float64"}, 13_000, 10),
 }
 
 
@@ -73,28 +87,53 @@ class Synthetic(torch.utils.data.Dataset):
         return self.X, self.y
 
 
-def bench(cfg, steps, warmup, device, n_images=0, classes=0):
-    ds = Synthetic((cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution),
-                   n_images or 4 * cfg.batch_size, cfg.net.label_dim if cfg.cond else 0, device, classes)
-    with tempfile.TemporaryDirectory() as d:
-        tr = Trainer(cfg, d, progress=False, dataset=ds)
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+class Bench:
+    """One row: a Trainer on a synthetic in-memory set, warmed up; ``round(steps)`` times steps."""
+
+    def __init__(self, cfg, warmup, device, n_images=0, classes=0):
+        ds = Synthetic((cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution),
+                       n_images or 4 * cfg.batch_size, cfg.net.label_dim if cfg.cond else 0, device, classes)
+        self.tmp = tempfile.TemporaryDirectory()
+        self.cfg, self.device = cfg, device
+        self.tr = Trainer(cfg, self.tmp.name, progress=False, dataset=ds)
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         t0 = time.time()
         for _ in range(warmup):
-            tr.train_step()
-        sync()
-        warm_s = time.time() - t0
-        if device == "cuda":
+            self.tr.train_step()
+        self.sync()
+        self.warm_s = time.time() - t0
+        self.rates = []
+        self.peak = float("nan")
+
+    def round(self, steps):
+        # The TF32 / cuDNN switches are process-global and a Trainer sets them when built or when its
+        # format changes: set this row's again, since the rows of different variants interleave.
+        set_tf32(self.tr.precision, self.cfg.tf32)
+        torch.backends.cudnn.benchmark = self.cfg.cudnn_benchmark
+        if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        self.sync()
         t0 = time.time()
         for _ in range(steps):
-            tr.train_step()
-        sync()
-        dt = time.time() - t0
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-        loss = float(tr.acc["loss_sum"] / tr.acc["count"].clamp(min=1))
-    return {"img_per_s": steps * cfg.batch_size / dt, "s_per_step": dt / steps, "peak_gib": peak,
-            "warmup_s": warm_s, "mean_loss": loss, "skipped": tr.total_nonfinite}
+            self.tr.train_step()
+        self.sync()
+        self.rates.append(steps * self.cfg.batch_size / (time.time() - t0))
+        if self.device == "cuda":
+            self.peak = max(torch.cuda.max_memory_allocated() / 2**30, 0 if self.peak != self.peak else self.peak)
+
+    def result(self, steps):
+        med = statistics.median(self.rates)
+        loss = float(self.tr.acc["loss_sum"] / self.tr.acc["count"].clamp(min=1))
+        return {"img_per_s": med, "s_per_step": self.cfg.batch_size / med, "rounds": len(self.rates),
+                "steps_per_round": steps, "img_per_s_rounds": self.rates,
+                "spread": (max(self.rates) - min(self.rates)) / med, "peak_gib": self.peak,
+                "warmup_s": self.warm_s, "mean_loss": loss, "skipped": self.tr.total_nonfinite}
+
+    def close(self):
+        del self.tr
+        self.tmp.cleanup()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main(argv=None):
@@ -102,8 +141,9 @@ def main(argv=None):
     ap.add_argument("--nets", default="cifar10,imagenet64-s")
     ap.add_argument("--tasks", default="ect,sct")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10, help="steps per round")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; img/s = median over rounds")
+    ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--tiny", action="store_true", help="small networks and batch, for a CPU check")
     ap.add_argument("--refs", default="preset", help="SCT reference sources, one row each: " + ",".join(REF_VARIANTS))
@@ -117,6 +157,7 @@ def main(argv=None):
         for task in args.tasks.split(","):
             for ref in (args.refs.split(",") if task == "sct" else [""]):
                 jobs.append((net, task, ref))
+    plans = []  # (net, row, cfg, n_images, classes)
     for net, task, ref in jobs:
         base = C.get_preset(f"{net}-{task}")
         base = replace(base, device=device, batch_size=args.batch, ema_halflife_nimg=base.ema_halflife_nimg,
@@ -137,19 +178,38 @@ def main(argv=None):
             if device == "cpu" and prec != "fp32":
                 continue
             cfg = replace(base, precision=prec, tf32=tf32, channels_last=cl, compile=comp)
-            try:
-                r = bench(cfg, args.steps, args.warmup, device, n_images, classes)
-            except Exception as exc:  # noqa: BLE001 - report and go on with the other rows
-                r = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             row = {"net": net, "task": label, "variant": vname, "ref_source": cfg.loss.ref_source if ref else None,
-                   "ref_images": n_images or None, **r}
+                   "ref_compute": cfg.loss.ref_compute if ref and cfg.loss.ref_source == "dataset" else None,
+                   "ref_images": n_images or None}
+            plans.append((net, row, cfg, n_images, classes))
+    # One net at a time: build and warm up all its rows, then interleave the timed rounds.
+    for net in dict.fromkeys(p[0] for p in plans):
+        benches = []
+        for _, row, cfg, n_images, classes in (p for p in plans if p[0] == net):
+            try:
+                benches.append((row, Bench(cfg, args.warmup, device, n_images, classes)))
+            except Exception as exc:  # noqa: BLE001 - report and go on with the other rows
+                rows.append({**row, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                print(json.dumps(rows[-1]), flush=True)
+        for _ in range(args.rounds):
+            for row, b in benches:
+                if "error" not in row:
+                    try:
+                        b.round(args.steps)
+                    except Exception as exc:  # noqa: BLE001
+                        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        for row, b in benches:
+            if "error" not in row:
+                row.update(b.result(args.steps))
             rows.append(row)
             print(json.dumps(row), flush=True)
+            b.close()
     # Ratios against the fp32 baseline of the same net and task, and SCT over ECT per variant.
-    print(f"\n{'net':14s} {'task':20s} {'variant':22s} {'img/s':>9s} {'x base':>7s} {'SCT/ECT':>8s} {'GiB':>6s}")
+    print(f"\n{'net':14s} {'task':24s} {'variant':22s} {'img/s':>9s} {'x base':>7s} {'SCT/ECT':>8s} {'spread':>7s} "
+          f"{'GiB':>6s}")
     for r in rows:
         if "error" in r:
-            print(f"{r['net']:14s} {r['task']:20s} {r['variant']:22s} ERROR {r['error']}")
+            print(f"{r['net']:14s} {r['task']:24s} {r['variant']:22s} ERROR {r['error']}")
             continue
         base = next((b for b in rows if b["net"] == r["net"] and b["task"] == r["task"]
                      and b["variant"] == "fp32 (ECT default)" and "error" not in b), None)
@@ -159,11 +219,11 @@ def main(argv=None):
         r["sct_cost_over_ect"] = ect["img_per_s"] / r["img_per_s"] - 1 if (ect and r["task"].startswith("sct")) else None
         xb = f"{r['x_baseline']:.2f}" if r["x_baseline"] else "-"
         so = f"{100 * r['sct_cost_over_ect']:+.1f}%" if r["sct_cost_over_ect"] is not None else "-"
-        print(f"{r['net']:14s} {r['task']:20s} {r['variant']:22s} {r['img_per_s']:9.1f} {xb:>7s} {so:>8s} "
-              f"{r['peak_gib']:6.1f}")
+        print(f"{r['net']:14s} {r['task']:24s} {r['variant']:22s} {r['img_per_s']:9.1f} {xb:>7s} {so:>8s} "
+              f"{100 * r['spread']:6.1f}% {r['peak_gib']:6.1f}")
     if args.out:
         meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-                "steps": args.steps, "warmup": args.warmup, "batch": args.batch}
+                "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "batch": args.batch}
         with open(args.out, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
     return 0

@@ -87,6 +87,15 @@ class LossConfig:
     ref_per_class: int = 0                     # 'bank': class-balanced bank with this many images per class (0 = off)
     ref_conditional: bool = True               # restrict references to the sample's class when labels exist
     ref_chunk: int = 1024                      # references per chunk in the posterior-mean softmax
+    # Arithmetic of ref_source='dataset' (sctlib.references.DatasetReferences): 'mixed' = float32 GEMM
+    # screening of every reference (TF32 forced off) + the top-16 logits of each row recomputed exactly in
+    # float64 from differences + the own image exact; 'float64' = everything in float64 (the exact
+    # reference). Why 'mixed': the float64 path dequantises every uint8 reference to float64 (8 bytes per
+    # element, per row in the class-conditional path), which made SCT cost +11% (CIFAR-10) / +7%
+    # (ImageNet-64) over the ECT step (issue 13); 'mixed' agrees with 'float64' to <= 1e-3 of
+    # ||x_t - x0_hat|| over t in [0.002, 80] (bound: DatasetReferences._mixed; measured:
+    # benchmarks/reference_cost.py). Default pending the lead's H200 measurement of both.
+    ref_compute: str = "mixed"
 
 
 @dataclass(frozen=True)
@@ -448,6 +457,7 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
     _check(lo.P_std > 0, "loss.P_std", lo.P_std, "must be > 0")
     _check(lo.ref_size >= 0, "loss.ref_size", lo.ref_size, "must be >= 0")
     _check(lo.ref_chunk > 0, "loss.ref_chunk", lo.ref_chunk, "must be > 0")
+    _check(lo.ref_compute in ("mixed", "float64"), "loss.ref_compute", lo.ref_compute, "must be 'mixed' or 'float64'")
     _check(lo.c >= 0, "loss.c", lo.c, "must be >= 0")
     # optimizer
     _check(o.name in ("adam", "radam"), "optim.name", o.name, "must be 'adam' or 'radam'")

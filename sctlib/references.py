@@ -19,6 +19,7 @@ The own image is always one of the references, exactly once, as in STF. ``state_
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -27,7 +28,11 @@ import torch
 from sctlib.targets import REF_SOURCES, ReferenceBank, _class_index, _per_row, gather_references, posterior_mean
 
 __all__ = ["ReferenceSource", "GatheredReferences", "ClassBalancedBank", "DatasetReferences", "build_references",
-           "dataset_tensors"]
+           "dataset_tensors", "REF_COMPUTES", "exact_fp32_matmul", "split_tf32"]
+
+# How DatasetReferences computes the softmax: 'mixed' (fp32 screening + exact float64 top-k, the default) or
+# 'float64' (every logit and the weighted sum in float64; the exact reference the tests compare against).
+REF_COMPUTES = ("mixed", "float64")
 
 Stats = dict
 
@@ -213,12 +218,33 @@ class DatasetReferences(ReferenceSource):
     [2B, d] x [d, chunk] per chunk (query x_t and own x0 share each read of the chunk). Conditional: per-row
     windows of the class-sorted store, ``rows`` references of every row's class per step, as a batched
     matrix-vector product; the number of steps is fixed by the largest class (no host sync).
+
+    ``compute`` picks the arithmetic (both give the same weights to within the bound below):
+
+    * ``'float64'`` - every logit, the streamed log-sum-exp and the weighted sum in float64 (the exact
+      reference; each chunk of uint8 references is dequantised to float64: 8 bytes per element, and per
+      row in the conditional path).
+    * ``'mixed'`` (default) - see :meth:`_mixed`: screening logits of every reference from a float32
+      GEMM on the raw uint8 values u (exact in float32; ref = u / 127.5 - 1 applied algebraically, TF32
+      forced off for the call), then the ``topk`` largest logits of each row recomputed in float64 from
+      differences ||x_t - ref||^2, the own image exact, and x0_hat = sum_j w_j ref_j with the top-k terms
+      in float64 and the rest as a float32 GEMM of normalised weights.
     """
 
     kind = "dataset"
 
     def __init__(self, X: torch.Tensor, labels: Optional[torch.Tensor] = None, *, ref_size: int = 0,
-                 seed: int = 0, device=None, dup_rms: float = 0.005, elements_per_chunk: int = 2**26):
+                 seed: int = 0, device=None, dup_rms: float = 0.005, elements_per_chunk: int = 2**26,
+                 compute: str = "mixed", topk: int = 16, split_tf32: Optional[bool] = None):
+        if compute not in REF_COMPUTES:
+            raise ValueError(f"DatasetReferences: compute must be one of {', '.join(REF_COMPUTES)}, got {compute!r}")
+        if topk < 1:
+            raise ValueError(f"DatasetReferences: topk must be >= 1, got {topk}")
+        self.compute, self.topk = compute, int(topk)
+        # Unconditional 'mixed' GEMMs on TF32 tensor cores with the float32 operand split into three
+        # TF32-exact pieces (:func:`split_tf32`): the products are those of a float32 GEMM. None = on CUDA
+        # only (on a CPU the split only triples the work).
+        self.split_tf32 = split_tf32
         if X.ndim < 2 or X.shape[0] < 1:
             raise ValueError(f"DatasetReferences: need images [N, ...] with N >= 1, got shape {tuple(X.shape)}")
         device = torch.device(device) if device is not None else X.device
@@ -269,11 +295,29 @@ class DatasetReferences(ReferenceSource):
     def _deq(self, R: torch.Tensor, dtype) -> torch.Tensor:
         return R.to(dtype) / 127.5 - 1.0 if self.is_uint8 else R.to(dtype)
 
+    def _affine(self) -> Tuple[float, float]:
+        """(a, b) with ref = a * stored + b: (1/127.5, -1) for the uint8 grid, (1, 0) for a float32 store."""
+        return (1.0 / 127.5, -1.0) if self.is_uint8 else (1.0, 0.0)
+
     @torch.no_grad()
-    def __call__(self, x_t, t, x0, labels=None, *, chunk_size: int = 1024):
+    def __call__(self, x_t, t, x0, labels=None, *, chunk_size: int = 1024, compute: Optional[str] = None,
+                 return_weights: bool = False):
+        """x0_hat and stats; ``compute`` overrides the instance's mode for this call. ``return_weights``
+        (diagnostics, memory B x N) adds 'weights' [B, N] (unconditional: over the store; conditional: over
+        the row's class window, position j = store row offsets[c] + j; 0 on skipped copies of the own image
+        and padding) in float64; the own image's weight is 'own_weight'."""
         B = x_t.shape[0]
         if tuple(x_t.shape[1:]) != self.item_shape:
             raise ValueError(f"DatasetReferences holds images of shape {self.item_shape}, got {tuple(x_t.shape[1:])}")
+        if labels is not None and self.offsets is None:
+            raise ValueError("DatasetReferences was built without labels; the loss asked for class-conditional "
+                             "references")
+        compute = self.compute if compute is None else compute
+        if compute not in REF_COMPUTES:
+            raise ValueError(f"DatasetReferences: compute must be one of {', '.join(REF_COMPUTES)}, got {compute!r}")
+        if compute == "mixed":
+            with exact_fp32_matmul():
+                return self._mixed(x_t, t, x0, labels, chunk_size, return_weights)
         dev = self.store.device
         dtype = torch.promote_types(x_t.dtype, torch.float32)
         ldt = torch.float64
@@ -290,9 +334,7 @@ class DatasetReferences(ReferenceSource):
             acc = o.clone()
             n_refs = torch.ones(B, dtype=ldt, device=dev)
             cond = labels is not None
-            if cond and self.offsets is None:
-                raise ValueError("DatasetReferences was built without labels; the loss asked for class-conditional "
-                                 "references")
+            all_logits = []
             if not cond:
                 step = max(1, min(chunk_size, self.elements_per_chunk // max(self.d, 1)))
                 q = torch.cat([x, o])  # [2B, d]: one read of each chunk serves both products
@@ -304,6 +346,8 @@ class DatasetReferences(ReferenceSource):
                     dup = (o_sq[:, None] - 2 * dots[B:] + sq) <= self.dup_d2  # the own image's stored copy
                     logits = logits.masked_fill(dup, float("-inf"))
                     n_refs += (~dup).sum(1)
+                    if return_weights:
+                        all_logits.append(logits)
                     m, s1, s2, acc = _lse_update(m, s1, s2, acc, logits, lambda p: p @ R)
             else:
                 c = _class_index(labels).to(dev)
@@ -323,13 +367,220 @@ class DatasetReferences(ReferenceSource):
                     ok = valid & ~dup
                     logits = logits.masked_fill(~ok, float("-inf"))
                     n_refs += ok.sum(1)
+                    if return_weights:
+                        all_logits.append(logits)
                     m, s1, s2, acc = _lse_update(m, s1, s2, acc, logits,
                                                  lambda p: torch.bmm(p[:, None, :], R)[:, 0])
         x0_hat = (acc / s1[:, None]).to(dtype).reshape(x_t.shape).to(x_t.device)
         ess = s1 * s1 / s2
         w_own = ((l_own - m).exp() / s1).clamp(max=1.0)  # the own term of s1 is exp(l_own - m)
-        return x0_hat, {"fallback": torch.zeros((), dtype=torch.int64, device=dev), "ess": ess,
-                        "own_weight": w_own, "n_refs": n_refs}
+        stats = {"fallback": torch.zeros((), dtype=torch.int64, device=dev), "ess": ess,
+                 "own_weight": w_own, "n_refs": n_refs}
+        if return_weights:
+            width = self.max_class if cond else self.store.shape[0]
+            stats["weights"] = ((torch.cat(all_logits, 1)[:, :width] - m[:, None]).exp() / s1[:, None])
+        return x0_hat, stats
+
+
+    def _mixed(self, x_t, t, x0, labels, chunk_size: int, return_weights: bool):
+        """``compute='mixed'``: float32 screening, exact float64 top-k, exact own image.
+
+        Logits are taken relative to the own image's, l_i = (||x - o||^2 - ||x - ref_i||^2) / (2 t^2)
+        (x = x_t, o = x0; SCT Eq. 13, Eq. 14 over the row's class), so the own image has l = 0 exactly and
+        the frame never depends on the screening arithmetic.
+
+        1. Screening (every reference): l~_i = (x.ref_i - x.o - (||ref_i||^2 - ||o||^2) / 2) / t^2 with x.ref_i =
+           a (x.u_i) + b sum(x) from a float32 GEMM on the stored values u_i (uint8 -> float32 is exact;
+           ref = a u + b, (a, b) = (1/127.5, -1)). TF32 is off for the call (:func:`exact_fp32_matmul`):
+           its 10-bit inputs would put ~1e-3 |x||u| into every dot. Unconditional, on CUDA, the GEMM runs on
+           TF32 tensor cores all the same, but with the float32 operand split into three TF32-exact pieces
+           (:func:`split_tf32`; u <= 255 is exact in TF32), so every product is exact and the result is that
+           of a float32 GEMM. Either way the error of a dot is the float32 accumulation error, |e_i| <~ c eps32 sum_k |x_k u_k|
+           (eps32 = 6e-8; c ~ sqrt(log d) for cuBLAS' blocked sums), i.e. |l~_i - l_i| <= E(t) = e_dot a / t^2.
+           The copies of the own image (||o - ref_i||^2 <= d dup_rms^2) are skipped on the same dots.
+        2. Exact top-k: the ``topk`` largest l~ of each row are recomputed in float64 from differences,
+           (||x - o||^2 - ||x - ref_j||^2) / (2 t^2): the error is ~1e-16 of ||x - ref||^2 / t^2 ~ d, whatever t.
+        3. Weights w = softmax over [0 (own), top-k exact, the rest screened], in float64; x0_hat = w_own o +
+           sum_topk w_j ref_j (float64, from the gathered rows) + a (w_rest @ u) + b sum(w_rest) (a float32
+           GEMM of normalised weights: relative error ~eps32 of a convex combination).
+
+        Why the error is bounded where it matters. Only screened (non-top-k) references carry an error,
+        and each of their weights is off by at most a factor exp(+-E(t)), so
+        sum_i |dw_i| <= (exp(E) - 1) W_rest, W_rest = their total weight, and, because sum_i dw_i = 0,
+        ||dx0_hat|| <= (exp(E) - 1) W_rest max_i ||ref_i - x0_hat||. The two factors never grow together:
+        at small t, E is large (E ~ |x||u| eps32 / (127.5 t^2): ~1e2 nats at t = 0.002 for ImageNet-64),
+        but then every reference other than the own image and its near-duplicates lies
+        >= ||ref - x0||^2 / (2 t^2) ~ 1e5 nats below the top (W_rest ~ exp(-1e5) = 0); near-duplicates
+        (a few uint8 levels apart, ~1e-4 in ||.||^2) are within E of the top, hence in the top-k and exact.
+        At large t, W_rest is O(1) (the weight spreads, STF's regime) but E ~ eps32 d / t is small
+        (|x| ~ t sqrt(d)): ~1e-3 nats at t = 1, less beyond. What the consistency target uses is the
+        score estimate eps_hat = (x_t - x0_hat) / t (SCT Eq. 13; the stable target field of Xu, Tong,
+        Jaakkola 2023), through x_hat_r = x_t - (t - r) eps_hat, so the error that matters is
+        ||dx0_hat|| / ||x_t - x0_hat||, the relative error of eps_hat; with ||x_t - x0_hat|| ~ t sqrt(d) it
+        stays <~ 1e-4 over t in [0.002, 80] (measured ~1e-6 on CPU); tests/test_references.py
+        and benchmarks/reference_cost.py measure it against ``compute='float64'`` on data with
+        near-duplicates. A ref within ~E(t) of the top that falls outside the top-k (more than ``topk``
+        near-ties) keeps only a screened logit: raise ``topk`` for data sets with many exact duplicates.
+        The own image stays exactly once (explicit, l = 0); whether a stored image is a copy of it is
+        decided on float32 dots, which can differ from float64 only for an image within ~1e-3 (relative)
+        of the dup_rms threshold.
+
+        Memory: screening logits [B, N] float32 (N = store rows, or the largest class when conditional).
+        The conditional path gathers each row's window as uint8 and converts it to float32 (not float64)
+        once per pass; it reads the windows twice (logits, then the weighted sum).
+        """
+        B = x_t.shape[0]
+        dev = self.store.device
+        f64, f32 = torch.float64, torch.float32
+        out_dtype = torch.promote_types(x_t.dtype, f32)
+        a, b = self._affine()
+        with torch.autocast(device_type=dev.type, enabled=False):
+            x = x_t.detach().reshape(B, -1).to(device=dev, dtype=f64)
+            o = x0.detach().reshape(B, -1).to(device=dev, dtype=f64)
+            inv_t2 = 1.0 / _per_row(t, x_t).reshape(B).to(device=dev, dtype=f64).clamp(min=1e-12) ** 2
+            o_sq = (o * o).sum(1)
+            xo = (x * o).sum(1)
+            d_own = ((x - o) ** 2).sum(1)                       # ||x - o||^2 from differences
+            q = torch.cat([x, o]).to(f32)                       # [2B, d]: x_t and x0 share each read of u
+            q_sum = q.double().sum(1) * b                       # b sum(q): the affine part of q.ref
+            xs, os_ = q_sum[:B, None], q_sum[B:, None]
+            cond = labels is not None
+            N = self.max_class if cond else self.store.shape[0]
+            L = torch.empty((B, N), dtype=f32, device=dev)      # screening logits (relative to the own image)
+            n_refs = torch.ones(B, dtype=f64, device=dev)
+
+            def screen(dx, do, sq, ok=None):
+                # dx = q.u for x, do = for o (float32 dots) -> float64 logits and the own-copy test.
+                dx, do = dx.double() * a + xs, do.double() * a + os_
+                logits = ((dx - xo[:, None]) - 0.5 * (sq - o_sq[:, None])) * inv_t2[:, None]
+                keep = (o_sq[:, None] - 2 * do + sq) > self.dup_d2
+                keep = keep if ok is None else keep & ok
+                return logits.masked_fill(~keep, float("-inf")).to(f32), keep.sum(1)
+
+            # The split needs the stored operand exact in TF32: the uint8 grid is (8 bits), a float32 store
+            # (digits, 2-D toys) is not, so that one keeps plain float32 GEMMs.
+            split = self.is_uint8 and ((dev.type == "cuda") if self.split_tf32 is None else bool(self.split_tf32))
+            if not cond:
+                step = max(1, min(chunk_size, self.elements_per_chunk // max(self.d, 1)))
+                chunks = [(s, min(s + step, N)) for s in range(0, N, step)]
+                q_in = split_tf32(q) if split else q                   # [6B, d] or [2B, d]
+                for s, e in chunks:
+                    U = self.store[s:e].to(f32)                         # u <= 255: exact in float32 and TF32
+                    with _tf32(split):
+                        dots = _mm(q_in, U.T)                           # [6B, n_c] / [2B, n_c]
+                    if split:
+                        dots = dots.double().reshape(3, 2 * B, -1).sum(0)  # exact pieces: float32 GEMM products
+                    L[:, s:e], n = screen(dots[:B], dots[B:], self.sq[None, s:e])
+                    n_refs += n
+                lo = None
+            else:
+                c = _class_index(labels).to(dev)
+                lo, hi = self.offsets[c], self.offsets[c + 1]
+                rows = max(1, min(N, self.elements_per_chunk // max(B * self.d, 1)))
+                ar = torch.arange(rows, device=dev)
+                q3 = torch.stack([q[:B], q[B:]], dim=1)                 # [B, 2, d]
+                chunks = [(j, min(j + rows, N)) for j in range(0, N, rows)]
+                kept = None
+                for j, e in chunks:
+                    idx = lo[:, None] + j + ar[None, :e - j]
+                    valid = idx < hi[:, None]
+                    idx = torch.where(valid, idx, lo[:, None])
+                    U = self.store[idx].to(f32)                         # [B, rows, d]: uint8 gather, 4 B/elem
+                    dots = _mm(q3, U.transpose(1, 2))                   # [B, 2, rows], TF32 off
+                    L[:, j:e], n = screen(dots[:, 0], dots[:, 1], self.sq[idx], valid)
+                    n_refs += n
+                    if len(chunks) == 1:
+                        kept = U                                        # one chunk: reuse it for the sum
+
+            # Exact float64 logits of the top-k screened references, from differences.
+            k = min(self.topk, N)
+            top, pos = L.topk(k, dim=1)                                 # [B, k]
+            gidx = pos if lo is None else (lo[:, None] + pos).clamp(max=self.store.shape[0] - 1)
+            Rk = self._deq(self.store[gidx], f64)                       # [B, k, d]
+            lk = 0.5 * (d_own[:, None] - ((x[:, None, :] - Rk) ** 2).sum(-1)) * inv_t2[:, None]
+            lk = torch.where(torch.isfinite(top), lk, torch.full_like(lk, float("-inf")))
+            lrest = L.double().scatter(1, pos, float("-inf"))           # the screened rest
+            m = torch.maximum(torch.maximum(lrest.max(1).values, lk.max(1).values), torch.zeros_like(d_own))
+            prest = (lrest - m[:, None]).exp()
+            pk = (lk - m[:, None]).exp()
+            pown = (-m).exp()
+            s1 = pown + prest.sum(1) + pk.sum(1)
+            w_rest, w_k, w_own = prest / s1[:, None], pk / s1[:, None], pown / s1
+            ess = 1.0 / (w_own * w_own + (w_rest * w_rest).sum(1) + (w_k * w_k).sum(1))
+            acc = w_own[:, None] * o + (w_k[:, :, None] * Rk).sum(1)   # float64: the terms that dominate
+            # The rest: a (w @ u) + b sum(w), float32 GEMMs of normalised weights.
+            wr32 = w_rest.to(f32)
+            rest_u = torch.zeros((B, self.d), dtype=f32, device=dev)
+            if not cond:
+                w_in = split_tf32(wr32) if split else wr32
+                for s, e in chunks:
+                    with _tf32(split):
+                        part = _mm(w_in[:, s:e], self.store[s:e].to(f32))
+                    rest_u += part.reshape(3, B, -1).sum(0) if split else part
+            else:
+                for j, e in chunks:
+                    if kept is None:
+                        idx = lo[:, None] + j + ar[None, :e - j]
+                        idx = torch.where(idx < hi[:, None], idx, lo[:, None])
+                        U = self.store[idx].to(f32)
+                    else:
+                        U = kept
+                    rest_u += _mm(wr32[:, None, j:e], U)[:, 0]
+            acc = acc + rest_u.double() * a + b * w_rest.sum(1, keepdim=True)
+        x0_hat = acc.to(out_dtype).reshape(x_t.shape).to(x_t.device)
+        stats = {"fallback": torch.zeros((), dtype=torch.int64, device=dev), "ess": ess,
+                 "own_weight": w_own.clamp(max=1.0), "n_refs": n_refs}
+        if return_weights:
+            stats["weights"] = w_rest.scatter(1, pos, w_k)
+        return x0_hat, stats
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The float32 (batched) matmuls of the mixed path, in one place: the tests replace it with an emulation
+    of TF32 tensor cores (inputs truncated to 10 mantissa bits while the TF32 flag is on)."""
+    return torch.matmul(a, b)
+
+
+def split_tf32(q: torch.Tensor) -> torch.Tensor:
+    """[3M, ...] = (hi, mid, lo) with hi + mid + lo == q exactly and every piece exact in TF32.
+
+    TF32 keeps 10 of float32's 23 stored mantissa bits. hi = q with the low 13 bits cleared; mid = the same
+    for q - hi (exact: the low bits of q); lo = the rest (<= 2 significant bits). With the other operand
+    exact in TF32 too (uint8 values u <= 255: 8 bits), every product piece x u is exact in float32, so a
+    TF32 tensor-core GEMM of the pieces carries only the float32 accumulation error: a float32 GEMM at
+    tensor-core speed (3x the flops, several times the rate of float32 CUDA cores on Hopper).
+    """
+    q = q.contiguous().to(torch.float32)
+    mask = -(1 << 13)  # 0xFFFFE000: sign, exponent, top 10 mantissa bits
+    hi = (q.view(torch.int32) & mask).view(torch.float32)
+    r = q - hi
+    mid = (r.view(torch.int32) & mask).view(torch.float32)
+    return torch.cat([hi, mid, r - mid])
+
+
+@contextlib.contextmanager
+def _tf32(on: bool):
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = bool(on)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+@contextlib.contextmanager
+def exact_fp32_matmul():
+    """float32 matmuls in full float32 inside the block (TF32 off: its 10-bit mantissa inputs would put
+    errors of ~1e-3 |x||ref| into the screening logits), the caller's global switches restored after."""
+    # Only the switch the trainer sets (sctlib.precision.set_tf32): torch.set_float32_matmul_precision
+    # here would put the per-backend settings in a "mixed legacy / new API" state, in which
+    # torch.get_float32_matmul_precision() raises.
+    prev_flag = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev_flag
 
 
 def _lse_update(m, s1, s2, acc, logits, weighted_sum):
@@ -362,4 +613,5 @@ def build_references(cfg, *, dataset=None, num_classes: int = 0, device=None, se
                          "build_loss(cfg, references=build_references(cfg, dataset=...)) (the trainer does)")
     X, y = dataset if isinstance(dataset, tuple) else dataset_tensors(dataset)
     keep_labels = y is not None and num_classes > 0 and cfg.ref_conditional
-    return DatasetReferences(X, y if keep_labels else None, ref_size=cfg.ref_size, seed=seed, device=device)
+    return DatasetReferences(X, y if keep_labels else None, ref_size=cfg.ref_size, seed=seed, device=device,
+                             compute=getattr(cfg, "ref_compute", "mixed"))

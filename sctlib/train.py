@@ -418,11 +418,15 @@ class Trainer:
         a["count"] += fin.sum()
         a["nonfinite"] += (~fin).sum()
         if "residual" in stats and "t" in stats:
-            edges = torch.as_tensor(T_BIN_EDGES, dtype=torch.float64, device=self.device)
+            # The bin edges live on the device from the first step on: torch.as_tensor(list, device=cuda)
+            # every step was a pageable host-to-device copy, which waits for the queued step (a host sync).
+            edges = getattr(self, "_t_bin_edges", None)
+            if edges is None or edges.device != self.device:
+                edges = self._t_bin_edges = torch.as_tensor(T_BIN_EDGES, dtype=torch.float64, device=self.device)
             t = stats["t"].detach().double().reshape(-1)
+            bins = torch.bucketize(t, edges)
             if "ess" in stats and "own_weight" in stats:
                 # Per sample: ESS = 1 / sum_i w_i^2; 'mixed' = the own image holds < 99% of the weight.
-                bins = torch.bucketize(t, edges)
                 own = stats["own_weight"].detach().double().reshape(-1)
                 a["sct_n"].index_add_(0, bins, torch.ones_like(own))
                 a["sct_ess"].index_add_(0, bins, stats["ess"].detach().double().reshape(-1))
@@ -432,10 +436,9 @@ class Trainer:
                     a["sct_no_other"] += (stats["n_refs"].detach().reshape(-1) <= 1).double().sum()
             res = stats["residual"].detach().double().reshape(-1)
             ok = torch.isfinite(res)
-            b = torch.bucketize(t, edges)
-            a["res_sum"].index_add_(0, b, torch.where(ok, res, 0))
-            a["res_sq"].index_add_(0, b, torch.where(ok, res * res, 0))
-            a["res_n"].index_add_(0, b, ok.double())
+            a["res_sum"].index_add_(0, bins, torch.where(ok, res, 0))
+            a["res_sq"].index_add_(0, bins, torch.where(ok, res * res, 0))
+            a["res_n"].index_add_(0, bins, ok.double())
 
     def _write_tick(self, pbar) -> dict:
         a = self.acc

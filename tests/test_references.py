@@ -20,8 +20,9 @@ def grid_images(n, d, gen):
     return torch.randint(0, 256, (n, d), generator=gen).float() / 127.5 - 1.0
 
 
+@pytest.mark.parametrize("compute", ["float64", "mixed"])
 @pytest.mark.parametrize("conditional", [False, True])
-def test_dataset_references_match_float64_softmax_with_the_own_image_once(conditional):
+def test_dataset_references_match_float64_softmax_with_the_own_image_once(conditional, compute):
     g = torch.Generator().manual_seed(0)
     N, d, B, C = 60, 12, 7, 3
     X = grid_images(N, d, g) * 0.1  # close images: many references share the weight at moderate t
@@ -32,7 +33,7 @@ def test_dataset_references_match_float64_softmax_with_the_own_image_once(condit
     t = torch.tensor([0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 3.0])
     x_t = x0 + t[:, None] * torch.randn(B, d, generator=g)
     # tiny chunks so that every path streams over several chunks
-    src = DatasetReferences(X, y if conditional else None, elements_per_chunk=4 * d)
+    src = DatasetReferences(X, y if conditional else None, elements_per_chunk=4 * d, compute=compute, topk=3)
     assert src.is_uint8 and src.store.dtype == torch.uint8 and src.nbytes == N * d
     x0_hat, st = src(x_t, t, x0, lab if conditional else None, chunk_size=5)
     for i in range(B):
@@ -145,3 +146,206 @@ def test_dataset_references_from_an_edm_zip(tmp_path):
     x0 = images[:2].float() / 127.5 - 1
     _, st = src(x0 + 0.01, 1e-2, x0, torch.tensor([0, 1]))
     assert st["n_refs"].tolist() == [3, 3]  # the class, with the own image counted once
+
+
+# ------------------------------------------------------------------------------------------------
+# compute='mixed' (float32 screening + exact float64 top-k) against compute='float64' (issue 13).
+
+def smooth_with_near_duplicates(seed=0, n=240, shape=(3, 16, 16)):
+    """uint8 images that look like images (smooth: bilinear upsampling of 4x4 noise) plus near-duplicates:
+    copies one uint8 level apart in ~2% of the pixels (beyond the dup_rms used below, so they are real
+    references at small t), copies one level apart everywhere, and exact copies (skipped as the own image)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, shape[0], 4, 4, generator=g)
+    img = torch.nn.functional.interpolate(z, size=shape[1:], mode="bilinear", align_corners=False)
+    U = ((img.tanh() * 0.9 + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+    def near(V, frac):
+        D = V.reshape(V.shape[0], -1).int()
+        step = (torch.rand(D.shape, generator=g) < frac) * torch.randint(0, 2, D.shape, generator=g).mul(2).sub(1)
+        return (D + step).clamp(0, 255).to(torch.uint8).reshape(V.shape)
+
+    U = torch.cat([U, near(U[:40], 0.02), near(U[:40], 0.02), near(U[40:60], 1.0), U[60:70]])
+    return U, g
+
+
+T_GRID = [0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0]
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_mixed_matches_float64_across_t_with_near_duplicates(conditional, split):
+    U, g = smooth_with_near_duplicates()
+    N = U.shape[0]
+    X = U.float() / 127.5 - 1
+    y = torch.arange(N) % 3
+    # dup_rms 5e-4: a copy one level apart in 2% of the pixels (||.||^2 ~ 1e-3) is a reference of its own;
+    # the logits then mix own image and near-copy at t ~ 0.02, where float32 screening is off by ~1 nat.
+    src = DatasetReferences(U, y if conditional else None, dup_rms=5e-4, elements_per_chunk=64 * 768, split_tf32=split)
+    idx = torch.cat([torch.arange(0, 70, 3), torch.randint(0, N, (8,), generator=g)])
+    B = idx.shape[0]
+    x0, lab = X[idx], (y[idx] if conditional else None)
+    for t in T_GRID:
+        x_t = x0 + t * torch.randn(x0.shape, generator=g)
+        tt = torch.full((B,), t)
+        ref, st_ref = src(x_t, tt, x0, lab, compute="float64", return_weights=True)
+        mix, st_mix = src(x_t, tt, x0, lab, compute="mixed", return_weights=True)
+        num = (mix.double() - ref.double()).reshape(B, -1).norm(dim=1)
+        den = (x_t.double() - ref.double()).reshape(B, -1).norm(dim=1)
+        assert float((num / den).max()) <= 1e-3, t
+        assert float((st_mix["weights"] - st_ref["weights"]).abs().max()) <= 1e-4, t
+        assert float((st_mix["own_weight"] - st_ref["own_weight"]).abs().max()) <= 1e-4, t
+        assert torch.allclose(st_mix["ess"], st_ref["ess"], rtol=1e-3), t
+        assert torch.equal(st_mix["n_refs"], st_ref["n_refs"]), t
+
+
+@pytest.mark.parametrize("compute", ["float64", "mixed"])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_own_image_counts_exactly_once_with_stored_copies(conditional, compute):
+    U, g = smooth_with_near_duplicates(seed=1, n=80)
+    U = torch.cat([U, U[:5], U[:5]])  # the first five images stored three times each
+    X = U.float() / 127.5 - 1
+    y = torch.arange(U.shape[0]) % 2 if conditional else None
+    src = DatasetReferences(U, y, compute=compute)
+    x0 = X[:5]
+    lab = y[:5] if conditional else None
+    x0_hat, st = src(x0 + 1e-3 * torch.randn(x0.shape, generator=g), torch.full((5,), 1e-3), x0, lab)
+    assert torch.equal(st["own_weight"], torch.ones(5, dtype=torch.float64))  # not 1/3: copies skipped
+    assert torch.allclose(x0_hat, x0, atol=1e-6)
+    # at a large t the softmax over (own once + the other stored images) matches a brute-force float64 one
+    t = torch.full((5,), 3.0)
+    x_t = x0 + t[:, None, None, None] * torch.randn(x0.shape, generator=g)
+    x0_hat, st = src(x_t, t, x0, lab)
+    for i in range(5):
+        keep = ((X - x0[i]) ** 2).reshape(X.shape[0], -1).sum(1) > src.dup_d2  # copies within dup_rms: skipped
+        if conditional:
+            keep &= y == y[i]
+        refs = torch.cat([x0[i:i + 1], X[keep]]).reshape(1, -1, X[0].numel())
+        exp, ess, own = brute(x_t[i:i + 1].reshape(1, -1), t[i:i + 1], refs, 0)
+        assert torch.allclose(x0_hat[i].double().reshape(-1), exp[0], atol=1e-5), i
+        assert float(st["own_weight"][i]) == pytest.approx(float(own[0]), rel=1e-4), i
+        assert int(st["n_refs"][i]) == refs.shape[1], i
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_mixed_turns_tf32_off_inside_and_restores_the_global_flags(flag):
+    seen = {}
+
+    class Probe(DatasetReferences):
+        def _mixed(self, *a, **k):
+            seen["tf32"] = torch.backends.cuda.matmul.allow_tf32
+            return super()._mixed(*a, **k)
+
+    U, g = smooth_with_near_duplicates(seed=2, n=80)
+    X = U.float() / 127.5 - 1
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = flag
+        Probe(U, split_tf32=True)(X[:3] + 0.1, 0.1, X[:3])
+        assert seen == {"tf32": False}
+        assert torch.backends.cuda.matmul.allow_tf32 == flag
+        torch.get_float32_matmul_precision()  # the switches stay consistent (no legacy / new API mix)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_ref_compute_config_field_reaches_the_source():
+    from sctlib import config as C
+
+    X, y = torch.zeros(4, 3), torch.tensor([0, 1, 0, 1])
+    assert LossConfig().ref_compute == "mixed"
+    src = build_references(LossConfig(task="sct", ref_source="dataset", ref_compute="float64"), dataset=(X, y))
+    assert src.compute == "float64"
+    assert build_references(LossConfig(task="sct", ref_source="dataset"), dataset=(X, y)).compute == "mixed"
+    cfg = C.get_preset("cifar10-sct")
+    with pytest.raises(C.ConfigError, match="ref_compute"):
+        C.validate(C.override(cfg, **{"loss.ref_compute": "fp16"}))
+    with pytest.raises(ValueError, match="compute"):
+        DatasetReferences(X, compute="fp16")
+
+
+def _tf32_truncate(x):
+    return (x.contiguous().to(torch.float32).view(torch.int32) & -(1 << 13)).view(torch.float32)
+
+
+def test_split_tf32_pieces_are_exact_in_tf32_and_sum_to_the_input():
+    from sctlib.references import split_tf32
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(6, 500, generator=g) * torch.logspace(-4, 2, 500)
+    p = split_tf32(q).reshape(3, 6, 500)
+    assert torch.equal(p[0] + p[1] + p[2], q)
+    assert torch.equal(_tf32_truncate(p), p)  # nothing for a TF32 tensor core to drop
+    U = torch.randint(0, 256, (40, 500), generator=g).float()
+    exact = q.double() @ U.double().T
+    via_pieces = sum(_tf32_truncate(p[i]).double() @ U.double().T for i in range(3))
+    plain = _tf32_truncate(q).double() @ U.double().T
+    scale = q.abs().double() @ U.double().T
+    assert float(((via_pieces - exact).abs() / scale).max()) < 1e-12
+    assert float(((plain - exact).abs() / scale).max()) > 1e-5  # unsplit TF32: ~2^-11 per input
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_mixed_under_emulated_tf32_tensor_cores(conditional, monkeypatch):
+    """The training step runs with TF32 on. With the matmuls replaced by an emulation of TF32 tensor cores
+    (inputs truncated to 10 mantissa bits while the flag is on), 'mixed' with the TF32 split still
+    matches 'float64': the split pieces are exact, and the per-class path turns TF32 off."""
+    import sctlib.references as refs
+
+    def tf32_matmul(a, b):
+        if torch.backends.cuda.matmul.allow_tf32:
+            a, b = _tf32_truncate(a), _tf32_truncate(b)
+        return torch.matmul(a, b)
+
+    monkeypatch.setattr(refs, "_mm", tf32_matmul)
+    U, g = smooth_with_near_duplicates(seed=5)
+    N = U.shape[0]
+    X = U.float() / 127.5 - 1
+    y = torch.arange(N) % 3
+    src = DatasetReferences(U, y if conditional else None, dup_rms=5e-4, split_tf32=True,
+                            elements_per_chunk=64 * 768)
+    idx = torch.cat([torch.arange(0, 70, 3), torch.randint(0, N, (8,), generator=g)])
+    B = idx.shape[0]
+    x0, lab = X[idx], (y[idx] if conditional else None)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        for t in T_GRID:
+            x_t = x0 + t * torch.randn(x0.shape, generator=g)
+            tt = torch.full((B,), t)
+            ref, st_ref = src(x_t, tt, x0, lab, compute="float64", return_weights=True)
+            mix, st_mix = src(x_t, tt, x0, lab, compute="mixed", return_weights=True)
+            assert torch.backends.cuda.matmul.allow_tf32  # the caller's flag survives
+            num = (mix.double() - ref.double()).reshape(B, -1).norm(dim=1)
+            den = (x_t.double() - ref.double()).reshape(B, -1).norm(dim=1)
+            assert float((num / den).max()) <= 1e-3, t
+            assert float((st_mix["weights"] - st_ref["weights"]).abs().max()) <= 1e-4, t
+            assert torch.equal(st_mix["n_refs"], st_ref["n_refs"]), t
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_mixed_float_store_never_splits_for_tf32(monkeypatch):
+    """A float32 store (off the uint8 grid) is not exact in TF32, so 'mixed' keeps plain float32 GEMMs
+    (TF32 off) for it even when the split is asked for."""
+    import sctlib.references as refs
+
+    def tf32_matmul(a, b):
+        if torch.backends.cuda.matmul.allow_tf32:
+            a, b = _tf32_truncate(a), _tf32_truncate(b)
+        return torch.matmul(a, b)
+
+    monkeypatch.setattr(refs, "_mm", tf32_matmul)
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(300, 8, generator=g) * 0.3
+    src = DatasetReferences(X, split_tf32=True)
+    assert not src.is_uint8
+    x0 = X[:10]
+    for t in (0.05, 0.3, 1.0, 5.0):
+        x_t = x0 + t * torch.randn(x0.shape, generator=g)
+        ref, sr = src(x_t, t, x0, compute="float64", return_weights=True)
+        mix, sm = src(x_t, t, x0, compute="mixed", return_weights=True)
+        num = (mix.double() - ref.double()).norm(dim=1)
+        den = (x_t.double() - ref.double()).norm(dim=1)
+        assert float((num / den).max()) <= 1e-3, t
+        assert float((sm["weights"] - sr["weights"]).abs().max()) <= 1e-4, t

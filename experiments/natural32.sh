@@ -188,7 +188,10 @@ print(f"{len(recs)} complete: {', '.join(recs)}; {len(partial)} partial: {', '.j
 PY
   ;;
 stop)
-  pkill -f "natural32.sh all" || true; pkill -f papermill || true; pkill -f "sctlib.train" || true
+  # The queue first (xargs would start the next run as soon as one is killed), then the runs, then the rest.
+  pkill -f "natural32.sh all" || true; pkill -f "natural32.sh queue" || true; pkill -x xargs || true
+  pkill -f "natural32.sh job" || true; pkill -f papermill || true; pkill -f ipykernel_launcher || true
+  pkill -f "sctlib.train" || true; pkill -f "natural32.sh guidance" || true
   pkill -f "benchmarks/precision.py" || true; sleep 2; echo stopped
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;

@@ -456,6 +456,8 @@ def evidence_records(runs: Dict[str, dict], *, prefix: str, command: str, settin
         by_group: Dict[str, set] = {}
         for r in res:
             by_group.setdefault(r["arm"], set()).add(int(r["seed"]))
+        if kind == "reference_sources" and len(by_group) < 2:
+            continue  # the whole-set arm alone compares nothing (its numbers are in the ablation record)
         out[f"{prefix}_{kind}"] = {
             "results": {"rows": aggregate_arms(res), "diagnostics": final_diagnostics(res),
                         "curves": [{"run": r["run"], "group": r["arm"], "seed": r["seed"], "curve": r["curve"]}

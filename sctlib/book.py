@@ -244,7 +244,14 @@ def _record_tables(name: str, rec: dict, label: str) -> list:
     tables = []
     res = rec.get("results")
     if isinstance(res, dict) and res:
-        tables.append(record_table(res, caption=f"{name}: results ({label})"))
+        # Records that hold lists of flat rows (an ablation's mean/sd table, its diagnostics, its runs): one
+        # table per list, scalar columns only; otherwise the whole dict as one table.
+        lists = {k: v for k, v in res.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)}
+        for key, rows in lists.items():
+            cols = [c for c in rows[0] if not isinstance(rows[0][c], (list, dict))]
+            tables.append(Table(rows, cols, caption=f"{name}: {key} ({label})"))
+        if not lists:
+            tables.append(record_table(res, caption=f"{name}: results ({label})"))
     if isinstance(rec.get("rows"), list) and rec["rows"]:
         cols = [c for c in rec["rows"][0] if not isinstance(rec["rows"][0][c], (list, dict))]
         tables.append(Table(rec["rows"], cols, caption=f"{name}: measurements ({label})"))

@@ -87,15 +87,16 @@ class LossConfig:
     ref_per_class: int = 0                     # 'bank': class-balanced bank with this many images per class (0 = off)
     ref_conditional: bool = True               # restrict references to the sample's class when labels exist
     ref_chunk: int = 1024                      # references per chunk in the posterior-mean softmax
-    # Arithmetic of ref_source='dataset' (sctlib.references.DatasetReferences): 'mixed' = float32 GEMM
-    # screening of every reference (TF32 forced off) + the top-16 logits of each row recomputed exactly in
-    # float64 from differences + the own image exact; 'float64' = everything in float64 (the exact
-    # reference). Why 'mixed': the float64 path dequantises every uint8 reference to float64 (8 bytes per
-    # element, per row in the class-conditional path), which made SCT cost +11% (CIFAR-10) / +7%
-    # (ImageNet-64) over the ECT step (issue 13); 'mixed' agrees with 'float64' to <= 1e-3 of
-    # ||x_t - x0_hat|| over t in [0.002, 80] (bound: DatasetReferences._mixed; measured:
-    # benchmarks/reference_cost.py). Default pending the lead's H200 measurement of both.
-    ref_compute: str = "mixed"
+    # Arithmetic of ref_source='dataset' (sctlib.references.DatasetReferences): 'float64' = every distance,
+    # the log-sum-exp and the weighted sum in float64 (exact; the default); 'mixed' = float32 screening of
+    # every reference (TF32 forced off) + the top-16 logits of each row recomputed exactly in float64 + the
+    # own image exact, agreeing with 'float64' to <= 1e-3 of ||x_t - x0_hat|| over t in [0.002, 80] (tests;
+    # 2e-6 measured on an H200). Why float64 stays the default: on one H200 (benchmarks/reference_cost.py,
+    # batch 128, measured while other training processes shared the GPU, so indicative only) the CIFAR-10
+    # call over 50,000 references took 5.3 ms in float64 and 9.2 ms in 'mixed' (which launches ~5x more
+    # kernels; its kernel time was about half), and the per-class ImageNet-64 call 46 vs 43 ms: no clear
+    # gain to pay for an approximation. Re-measure alone on a GPU before switching.
+    ref_compute: str = "float64"
 
 
 @dataclass(frozen=True)

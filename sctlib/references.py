@@ -30,8 +30,9 @@ from sctlib.targets import REF_SOURCES, ReferenceBank, _class_index, _per_row, g
 __all__ = ["ReferenceSource", "GatheredReferences", "ClassBalancedBank", "DatasetReferences", "build_references",
            "dataset_tensors", "REF_COMPUTES", "exact_fp32_matmul", "split_tf32"]
 
-# How DatasetReferences computes the softmax: 'mixed' (fp32 screening + exact float64 top-k, the default) or
-# 'float64' (every logit and the weighted sum in float64; the exact reference the tests compare against).
+# How DatasetReferences computes the softmax: 'float64' (every logit and the weighted sum in float64; exact, the
+# default - see LossConfig.ref_compute for the GPU timing behind that choice) or 'mixed' (fp32 screening + exact
+# float64 top-k).
 REF_COMPUTES = ("mixed", "float64")
 
 Stats = dict
@@ -221,10 +222,10 @@ class DatasetReferences(ReferenceSource):
 
     ``compute`` picks the arithmetic (both give the same weights to within the bound below):
 
-    * ``'float64'`` - every logit, the streamed log-sum-exp and the weighted sum in float64 (the exact
-      reference; each chunk of uint8 references is dequantised to float64: 8 bytes per element, and per
+    * ``'float64'`` (default) - every logit, the streamed log-sum-exp and the weighted sum in float64 (the
+      exact reference; each chunk of uint8 references is dequantised to float64: 8 bytes per element, and per
       row in the conditional path).
-    * ``'mixed'`` (default) - see :meth:`_mixed`: screening logits of every reference from a float32
+    * ``'mixed'`` - see :meth:`_mixed`: screening logits of every reference from a float32
       GEMM on the raw uint8 values u (exact in float32; ref = u / 127.5 - 1 applied algebraically, TF32
       forced off for the call), then the ``topk`` largest logits of each row recomputed in float64 from
       differences ||x_t - ref||^2, the own image exact, and x0_hat = sum_j w_j ref_j with the top-k terms
@@ -235,7 +236,7 @@ class DatasetReferences(ReferenceSource):
 
     def __init__(self, X: torch.Tensor, labels: Optional[torch.Tensor] = None, *, ref_size: int = 0,
                  seed: int = 0, device=None, dup_rms: float = 0.005, elements_per_chunk: int = 2**26,
-                 compute: str = "mixed", topk: int = 16, split_tf32: Optional[bool] = None):
+                 compute: str = "float64", topk: int = 16, split_tf32: Optional[bool] = None):
         if compute not in REF_COMPUTES:
             raise ValueError(f"DatasetReferences: compute must be one of {', '.join(REF_COMPUTES)}, got {compute!r}")
         if topk < 1:
@@ -614,4 +615,4 @@ def build_references(cfg, *, dataset=None, num_classes: int = 0, device=None, se
     X, y = dataset if isinstance(dataset, tuple) else dataset_tensors(dataset)
     keep_labels = y is not None and num_classes > 0 and cfg.ref_conditional
     return DatasetReferences(X, y if keep_labels else None, ref_size=cfg.ref_size, seed=seed, device=device,
-                             compute=getattr(cfg, "ref_compute", "mixed"))
+                             compute=getattr(cfg, "ref_compute", "float64"))

@@ -181,7 +181,8 @@ def test_mixed_matches_float64_across_t_with_near_duplicates(conditional, split)
     y = torch.arange(N) % 3
     # dup_rms 5e-4: a copy one level apart in 2% of the pixels (||.||^2 ~ 1e-3) is a reference of its own;
     # the logits then mix own image and near-copy at t ~ 0.02, where float32 screening is off by ~1 nat.
-    src = DatasetReferences(U, y if conditional else None, dup_rms=5e-4, elements_per_chunk=64 * 768, split_tf32=split)
+    src = DatasetReferences(U, y if conditional else None, dup_rms=5e-4, elements_per_chunk=64 * 768, split_tf32=split,
+                            compute="mixed")
     idx = torch.cat([torch.arange(0, 70, 3), torch.randint(0, N, (8,), generator=g)])
     B = idx.shape[0]
     x0, lab = X[idx], (y[idx] if conditional else None)
@@ -241,7 +242,7 @@ def test_mixed_turns_tf32_off_inside_and_restores_the_global_flags(flag):
     before = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = flag
-        Probe(U, split_tf32=True)(X[:3] + 0.1, 0.1, X[:3])
+        Probe(U, split_tf32=True, compute="mixed")(X[:3] + 0.1, 0.1, X[:3])
         assert seen == {"tf32": False}
         assert torch.backends.cuda.matmul.allow_tf32 == flag
         torch.get_float32_matmul_precision()  # the switches stay consistent (no legacy / new API mix)
@@ -253,10 +254,11 @@ def test_ref_compute_config_field_reaches_the_source():
     from sctlib import config as C
 
     X, y = torch.zeros(4, 3), torch.tensor([0, 1, 0, 1])
-    assert LossConfig().ref_compute == "mixed"
+    assert LossConfig().ref_compute == "float64"
     src = build_references(LossConfig(task="sct", ref_source="dataset", ref_compute="float64"), dataset=(X, y))
     assert src.compute == "float64"
-    assert build_references(LossConfig(task="sct", ref_source="dataset"), dataset=(X, y)).compute == "mixed"
+    assert build_references(LossConfig(task="sct", ref_source="dataset"), dataset=(X, y)).compute == "float64"
+    assert build_references(LossConfig(task="sct", ref_source="dataset", ref_compute="mixed"), dataset=(X, y)).compute == "mixed"
     cfg = C.get_preset("cifar10-sct")
     with pytest.raises(C.ConfigError, match="ref_compute"):
         C.validate(C.override(cfg, **{"loss.ref_compute": "fp16"}))
@@ -302,7 +304,7 @@ def test_mixed_under_emulated_tf32_tensor_cores(conditional, monkeypatch):
     N = U.shape[0]
     X = U.float() / 127.5 - 1
     y = torch.arange(N) % 3
-    src = DatasetReferences(U, y if conditional else None, dup_rms=5e-4, split_tf32=True,
+    src = DatasetReferences(U, y if conditional else None, dup_rms=5e-4, split_tf32=True, compute="mixed",
                             elements_per_chunk=64 * 768)
     idx = torch.cat([torch.arange(0, 70, 3), torch.randint(0, N, (8,), generator=g)])
     B = idx.shape[0]
@@ -338,7 +340,7 @@ def test_mixed_float_store_never_splits_for_tf32(monkeypatch):
     monkeypatch.setattr(refs, "_mm", tf32_matmul)
     g = torch.Generator().manual_seed(6)
     X = torch.randn(300, 8, generator=g) * 0.3
-    src = DatasetReferences(X, split_tf32=True)
+    src = DatasetReferences(X, split_tf32=True, compute="mixed")
     assert not src.is_uint8
     x0 = X[:10]
     for t in (0.05, 0.3, 1.0, 5.0):

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Optional
 
-__all__ = ["TextProgress", "format_duration", "format_count"]
+__all__ = ["TextProgress", "format_duration", "format_count", "iter_progress"]
 
 
 def format_duration(seconds: float) -> str:
@@ -73,3 +73,24 @@ class TextProgress:
 
     def close(self) -> None:
         self._print(f"done: {format_count(self.n)} images in {format_duration(time.time() - self.t0)}")
+
+
+def iter_progress(iterable, *, desc: str = "", total: Optional[int] = None, every_s: float = 10.0, stream=None):
+    """Yield the batches of ``iterable`` unchanged, printing a text line (images done, rate, ETA when ``total``
+    is known) at most every ``every_s`` seconds and once at the end: the same kind of line as the trainer's,
+    so it reads the same in a saved notebook and in a papermill log (a tqdm widget does not)."""
+    t0, last, n = time.time(), time.time(), 0
+    out = stream or sys.stdout
+    tag = f"[{desc}] " if desc else ""
+    for batch in iterable:
+        yield batch
+        n += len(batch)
+        now = time.time()
+        if now - last >= every_s:
+            rate = n / max(now - t0, 1e-9)
+            eta = f" | ETA {format_duration((total - n) / rate)}" if total and rate > 0 else ""
+            of = f"/{format_count(total)}" if total else ""
+            print(f"{tag}{format_count(n)}{of} images | {rate:,.0f} img/s | elapsed {format_duration(now - t0)}{eta}",
+                  file=out, flush=True)
+            last = now
+    print(f"{tag}done: {format_count(n)} images in {format_duration(time.time() - t0)}", file=out, flush=True)

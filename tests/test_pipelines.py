@@ -108,3 +108,28 @@ def test_training_pipeline_plumbing_with_tiny_settings(notebook, preset, res, tm
     # the progress lines are in the saved notebook (text, not a widget stuck at 0 %)
     text = out.read_text()
     assert "img/s" in text and "ETA" in text
+
+
+def test_feature_extraction_prints_text_progress_lines(capsys):
+    import io
+
+    import torch
+
+    from sctlib.metrics.inception import extract_features
+    from sctlib.progress import iter_progress
+
+    # the wrapper: batches pass through unchanged; a line per interval (every_s=0: each batch) and a last line
+    buf = io.StringIO()
+    batches = [torch.zeros(3, 2), torch.zeros(4, 2)]
+    assert list(iter_progress(iter(batches), desc="f", total=7, every_s=0, stream=buf)) == batches
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("[f] 3/7 images") and "ETA" in lines[0]
+    assert lines[1].startswith("[f] 7/7 images") and lines[-1].startswith("[f] done: 7 images")
+
+    # FID feature extraction reports through it (text, not a tqdm widget)
+    ext = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    imgs = torch.randint(0, 255, (10, 3, 8, 8), dtype=torch.uint8)
+    feats = extract_features(imgs, lambda x: ext(x.float()), batch_size=4, device="cpu", progress=True)
+    assert feats.shape == (10, 4)
+    out = capsys.readouterr().out
+    assert "[features] done: 10 images" in out and "it/s" not in out

@@ -254,9 +254,9 @@ def extract_features(source: Source, extractor: nn.Module, *, num_images: Option
     out = []
     it = _batches(source, num_images=num_images, batch_size=batch_size, seed_offset=seed_offset, num_workers=num_workers)
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import iter_progress
 
-        it = tqdm(it, desc="features", unit="batch")
+        it = iter_progress(it, desc="features", total=num_images)
     for imgs in it:
         out.append(extractor(imgs.to(device)).float().cpu())
     if not out:
@@ -274,9 +274,9 @@ def streaming_stats(source: Source, extractor: nn.Module, *, num_images: Optiona
     n, s1, s2 = 0, None, None
     it = _batches(source, num_images=num_images, batch_size=batch_size, seed_offset=seed_offset, num_workers=num_workers)
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import iter_progress
 
-        it = tqdm(it, desc="features", unit="batch")
+        it = iter_progress(it, desc="features", total=num_images)
     for imgs in it:
         f = extractor(imgs.to(device)).double()
         if not bool(torch.isfinite(f).all()):

@@ -424,6 +424,12 @@ def final_diagnostics(results: Sequence[dict], keys: Sequence[str] = DIAG_KEYS) 
             if vals:
                 row[f"{k}_mean"] = float(np.mean(vals))
                 row[f"{k}_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        # Per-t-bin statistics of the last tick (mean over seeds), with the bin edges they refer to.
+        for k in ("sct_ess_bins", "sct_frac_mixed_bins"):
+            per = [r["stats"][-1][k] for r in rs if r["stats"] and r["stats"][-1].get(k) is not None]
+            if per and all(len(p) == len(per[0]) for p in per):
+                row[k] = [float(v) for v in np.nanmean(np.array(per, dtype=np.float64), axis=0)]
+                row["t_bin_edges"] = rs[0]["stats"][-1].get("t_bin_edges")
         rows.append(row)
     return rows
 

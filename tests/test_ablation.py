@@ -187,8 +187,10 @@ def test_evidence_records_group_runs_by_name_and_average_over_seeds():
     runs = {
         "abl-ect-s0": _fake_run("ect", 0, [10.0, 8.0], [{"nimg": 20, "loss": 1.0}]),
         "abl-ect-s1": _fake_run("ect", 1, [12.0, 6.0], [{"nimg": 20, "loss": 1.0}]),
-        "abl-sct-s0": _fake_run("sct", 0, [9.0, 5.0], [{"nimg": 20, "sct_ess_mean": 3.0}]),
-        "abl-sct-s1": _fake_run("sct", 1, [7.0, 5.0], [{"nimg": 20, "sct_ess_mean": 5.0}]),
+        "abl-sct-s0": _fake_run("sct", 0, [9.0, 5.0], [{"nimg": 20, "sct_ess_mean": 3.0, "sct_ess_bins": [1.0, 4.0],
+                                                        "t_bin_edges": [1.0]}]),
+        "abl-sct-s1": _fake_run("sct", 1, [7.0, 5.0], [{"nimg": 20, "sct_ess_mean": 5.0, "sct_ess_bins": [1.0, 8.0],
+                                                        "t_bin_edges": [1.0]}]),
         "prec-fp16-s0": _fake_run("sct", 0, [20.0, 10.0], [{"nimg": 10, "fp16_skipped_steps": 3},
                                                            {"nimg": 20, "fp16_skipped_steps": 2}]),
         "prec-bf16-s0": _fake_run("sct", 0, [21.0, 11.0], [{"nimg": 20, "fp16_skipped_steps": 0}]),
@@ -203,6 +205,7 @@ def test_evidence_records_group_runs_by_name_and_average_over_seeds():
     assert abl[("sct", 20)]["fid_2step_mean"] == 2.5 and abl[("sct", 20)]["n_seeds"] == 2
     diag = {d["group"]: d for d in rec["n_ablation"]["results"]["diagnostics"]}
     assert diag["sct"]["sct_ess_mean_mean"] == 4.0 and "sct_ess_mean_mean" not in diag["ect"]
+    assert diag["sct"]["sct_ess_bins"] == [1.0, 6.0] and diag["sct"]["t_bin_edges"] == [1.0]
     pdiag = {d["group"]: d for d in rec["n_precision"]["results"]["diagnostics"]}
     assert pdiag["fp16"]["fp16_skipped_steps_mean"] == 5.0 and pdiag["bf16"]["fp16_skipped_steps_mean"] == 0.0
     assert rec["n_reference_sources"]["groups"] == {"batch": [0], "bank (4,096)": [0], "dataset": [0, 1]}

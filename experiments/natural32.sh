@@ -27,7 +27,7 @@ PY=${PY:-python3}
 WORK=${WORK:-/tmp/sct-natural32}
 OUT=${OUT:-$ROOT/out}
 mkdir -p "$WORK" "$OUT"
-DATA=$WORK/natural-32.zip
+DATA=${DATA:-$WORK/natural-32.zip}  # another EDM zip may be named; setup builds the natural set only when it is missing
 
 # The network of the teacher and of every tuning run: a reduced DDPM++ (7.0M parameters; CIFAR-10's is 55.7M).
 NET=${NET:-"net.model_channels=64 net.channel_mult=1,2,2 net.num_blocks=2 net.attn_resolutions=16 net.dropout=0.1 net.label_dim=0 cond=false"}

@@ -136,6 +136,32 @@ class Bench:
             torch.cuda.empty_cache()
 
 
+# Eager rows that measure one format each (the formats a precision rule switches between).
+FORMAT_ROWS = {"bf16": "bf16", "tf32": "fp32+tf32", "fp32": "fp32 (ECT default)"}
+
+
+def preset_mixes(rows) -> list:
+    """For every (net, task) whose preset uses a precision rule and whose formats all have an eager row:
+    the speed of the rule over the preset's schedule (sctlib.precision.schedule_mix), next to bf16 throughout."""
+    from sctlib.precision import schedule_mix
+
+    out = []
+    for net, task in dict.fromkeys((r["net"], r["task"]) for r in rows if "error" not in r):
+        if task not in ("ect", "sct"):
+            continue
+        rates = {f: r["img_per_s"] for f, v in FORMAT_ROWS.items() for r in rows
+                 if r["net"] == net and r["task"] == task and r["variant"] == v and "error" not in r}
+        cfg = C.get_preset(f"{net}-{task}")
+        try:
+            mix = schedule_mix(cfg, rates)
+        except ValueError:
+            continue  # a format of the rule was not measured in this run
+        if "bf16" in rates:
+            out.append({"net": net, "task": task, "preset": cfg.name, "precision": cfg.precision,
+                        "rates": rates, "bf16_img_per_s": rates["bf16"], **mix})
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--nets", default="cifar10,imagenet64-s")
@@ -221,11 +247,18 @@ def main(argv=None):
         so = f"{100 * r['sct_cost_over_ect']:+.1f}%" if r["sct_cost_over_ect"] is not None else "-"
         print(f"{r['net']:14s} {r['task']:24s} {r['variant']:22s} {r['img_per_s']:9.1f} {xb:>7s} {so:>8s} "
               f"{100 * r['spread']:6.1f}% {r['peak_gib']:6.1f}")
+    mixes = preset_mixes(rows)
+    if mixes:
+        print("\nThe presets' precision rule over their whole schedule (sctlib.precision.schedule_mix of the eager rows):")
+        for m in mixes:
+            share = ", ".join(f"{f} {100 * v:.0f}% of images" for f, v in m["fraction"].items())
+            print(f"  {m['preset']:22s} {m['precision']:22s} {m['img_per_s']:8.1f} img/s  ({share}; "
+                  f"{100 * (m['img_per_s'] / m['bf16_img_per_s'] - 1):+.1f}% against bf16 throughout)")
     if args.out:
         meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                 "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "batch": args.batch}
         with open(args.out, "w") as fh:
-            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+            json.dump({"meta": meta, "rows": rows, "preset_mix": mixes}, fh, indent=1)
     return 0
 
 

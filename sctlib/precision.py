@@ -39,7 +39,7 @@ import torch
 
 from .config import ConfigError
 
-__all__ = ["FORMATS", "PrecisionRule", "PrecisionError", "autocast", "set_tf32"]
+__all__ = ["FORMATS", "PrecisionRule", "PrecisionError", "autocast", "set_tf32", "schedule_mix"]
 
 FORMATS = ("fp32", "tf32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -160,3 +160,33 @@ def set_tf32(fmt: str, tf32_under_autocast: bool = True) -> bool:
     torch.backends.cuda.matmul.allow_tf32 = on
     torch.backends.cudnn.allow_tf32 = on
     return on
+
+
+def schedule_mix(cfg, rates: dict, *, points: int = 2000) -> dict:
+    """The training speed of a config's precision rule over its whole schedule, from per-format speeds.
+
+    ``cfg`` is a TrainConfig (its ``precision``, ``total_nimg`` and loss schedule: ``loss.double_nimg``,
+    ``loss.schedule``, ``loss.smooth_end``); ``rates`` maps formats ('bf16', 'tf32', 'fp32', 'fp16') to
+    images per second measured for each. The schedule is cut into ``points`` equal slices of images; each
+    slice runs in the format the rule gives at its midpoint's stage exponent. Returns
+    ``{'img_per_s': total images / total seconds, 'fraction': {format: share of the images},
+    'seconds': {format: time}}``; the wall time a run spends in each format is what the mix costs.
+    ``'auto'`` is resolved as on CUDA (bf16). A format the rule uses but ``rates`` lacks is an error."""
+    from .schedules import stage_exponent
+
+    rule = PrecisionRule.parse(cfg.precision, device_type="cuda")
+    total = float(cfg.total_nimg)
+    if total <= 0 or points < 1:
+        raise ValueError(f"schedule_mix needs total_nimg > 0 and points >= 1, got {total}, {points}")
+    missing = sorted(set(rule.formats) - set(rates))
+    if missing:
+        raise ValueError(f"schedule_mix: no speed for format(s) {missing} used by precision {cfg.precision!r}")
+    lo = cfg.loss
+    share, secs = {}, {}
+    for i in range(points):
+        nimg = (i + 0.5) * total / points
+        a = stage_exponent(nimg, lo.double_nimg, lo.schedule, getattr(lo, "smooth_end", "ect"))
+        f = rule.format_at(a)
+        share[f] = share.get(f, 0.0) + 1.0 / points
+        secs[f] = secs.get(f, 0.0) + (total / points) / float(rates[f])
+    return {"img_per_s": total / sum(secs.values()), "fraction": share, "seconds": secs}

@@ -294,3 +294,23 @@ def test_matched_runs_end_to_end(tmp_path):
     fd = [runs[p]["scores"]["fd_1step"] for p in ("bf16", "fp16", "tf32")]
     assert len(set(fd)) > 1
     assert out.with_suffix(".png").exists()
+
+
+def test_schedule_mix_weights_each_format_by_the_images_it_trains():
+    from dataclasses import replace
+
+    from sctlib import config as C
+    from sctlib.precision import schedule_mix
+
+    ect = C.get_preset("cifar10-ect")  # staircase, 8 stages of 3.2M images; 'auto,tf32@stage>=4'
+    assert (ect.precision, ect.total_nimg, ect.loss.double_nimg) == ("auto,tf32@stage>=4", 25_600_000, 3_200_000)
+    m = schedule_mix(ect, {"bf16": 1000.0, "tf32": 500.0})
+    # a = 1, 2, 3 in bf16 (3 of 8 stages), a = 4..8 in TF32
+    assert m["fraction"]["bf16"] == pytest.approx(3 / 8) and m["fraction"]["tf32"] == pytest.approx(5 / 8)
+    assert m["img_per_s"] == pytest.approx(1 / (3 / 8 / 1000 + 5 / 8 / 500))
+    sct = C.get_preset("cifar10-sct")  # smooth, ending at ECT's final exponent: a = max(1, nimg / double)
+    assert schedule_mix(sct, {"bf16": 1.0, "tf32": 1.0})["fraction"]["bf16"] == pytest.approx(4 / 8, abs=1e-3)
+    one = schedule_mix(replace(ect, precision="bf16"), {"bf16": 700.0})
+    assert one["img_per_s"] == pytest.approx(700.0) and one["fraction"] == {"bf16": pytest.approx(1.0)}
+    with pytest.raises(ValueError, match="tf32"):
+        schedule_mix(ect, {"bf16": 1000.0})

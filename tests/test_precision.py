@@ -314,3 +314,20 @@ def test_schedule_mix_weights_each_format_by_the_images_it_trains():
     assert one["img_per_s"] == pytest.approx(700.0) and one["fraction"] == {"bf16": pytest.approx(1.0)}
     with pytest.raises(ValueError, match="tf32"):
         schedule_mix(ect, {"bf16": 1000.0})
+
+
+def test_sample_throughput_benchmark_reports_every_rate(tmp_path, random_inception_weights, capsys):
+    st = _bench_module("sample_throughput")
+    out = tmp_path / "s.json"
+    assert st.main(["--tiny", "--features", "--inception-weights", str(random_inception_weights),
+                    "--out", str(out)]) == 0
+    rec = __import__("json").loads(out.read_text())
+    assert [r["net"] for r in rec["rows"]] == ["cifar10", "imagenet64-s"]
+    for r in rec["rows"]:
+        assert r["format"] == "fp32" and r["batch"] == 4 and r["params"] > 0
+        for k in ("net_img_per_s", "generate_img_per_s", "generate_features_img_per_s"):
+            assert r[k] > 0
+        # the full FID rate cannot exceed the rate of generation alone by more than timing noise
+        assert r["generate_features_img_per_s"] < 1.5 * r["generate_img_per_s"]
+        assert r["fid50k_minutes"] == pytest.approx(50_000 / r["generate_features_img_per_s"] / 60)
+    assert "FID-50k min" in capsys.readouterr().out

@@ -32,7 +32,12 @@ def main(argv=None) -> int:
     ap.add_argument("--setting", default="", help="the sizes of the experiment, in words (stored in each record)")
     args = ap.parse_args(argv)
     src, dest = Path(args.out_dir), Path(args.dest)
+    if not (src / "natural32_runs.json").is_file():
+        ap.error(f"{src / 'natural32_runs.json'} does not exist: run `bash experiments/natural32.sh collect` "
+                 "(or `pack`) with OUT pointing there first")
     runs = json.loads((src / "natural32_runs.json").read_text())["complete"]
+    if not runs:
+        ap.error(f"{src / 'natural32_runs.json'} holds no finished run")
     def opt(name):
         hits = sorted(src.rglob(name))
         return json.loads(hits[0].read_text()) if hits else None

@@ -304,12 +304,9 @@ def guidance_record(run_dir, *, data_path: str, fid_images: int, fid_ref_images:
     :func:`sctlib.evaluate.guidance_sweep` with FID at 1 and 2 steps for every snapshot fraction and w.
     Written as JSON to ``out`` when given."""
     from . import evaluate, metrics
-    from .train import load_run
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_run(run_dir)
-    model = model.to(device).eval()
-    _, cfg = load_run_model(run_dir)
+    model, cfg = load_run_model(run_dir, device=device)  # final (EMA) weights once the run has finished
     extractor = metrics.load_inception(inception_weights, device=device)
     ref = metrics.inception_reference_stats(data_path, extractor=extractor, max_images=fid_ref_images or None,
                                             device=device, progress=False)

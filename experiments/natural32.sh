@@ -19,7 +19,11 @@
 # reference sources batch and bank (SCT Fig. 4), and autoguidance of abl-sct-s0 by its EMA snapshots (Fig. 6).
 #
 # Environment: WORK (runs and data, default /tmp/sct-natural32), OUT (records to keep, default ./out),
-# PY (python, default python3), JOBS_EXTRA (extra parallel runs: "refs", "precision"; default both).
+# PY (python, default python3), JOBS_EXTRA (extra parallel runs: "refs", "precision"; default both), ARMS (the
+# ablation arms queued; "" for none), LANES (runs at a time, per GPU with QUEUE_GPUS), QUEUE_GPUS (e.g. "1 0":
+# one set of lanes per GPU), TEACHER_GPU, BENCH_GPU (experiments/gpu_bench.sh exclusive on that GPU beside the
+# teacher), AFTER_BENCH (a gpu_bench.sh stage after the queue, e.g. ddp), RUN_CPUS / BENCH_CPUS (taskset lists
+# that keep the runs off the benchmark's cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -40,6 +44,7 @@ TUNE=${TUNE:-"loss.double_nimg=$DOUBLE_NIMG optim.lr=2e-4 ema_halflife_nimg=1000
 
 stage=${1:?stage: setup | teacher | ablation | queue | collect | all | start | wait | pack | stop}
 LANES=${LANES:-6}
+command -v taskset > /dev/null || { [ -z "${RUN_CPUS:-}${BENCH_CPUS:-}" ] || echo "no taskset: CPU lists ignored"; RUN_CPUS=; BENCH_CPUS=; }
 if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site:$ROOT; else export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}; fi
 case "$stage" in
 setup)
@@ -58,7 +63,8 @@ teacher)
   # Denoising score matching (EDM Eq. 2), Adam 1e-3 with a 100k-image warm-up, EMA half-life 100k images.
   # Time-boxed: the run is killed after TEACHER_SECONDS and the tuning runs start from its newest checkpoint's EMA.
   if [ -f "$WORK/teacher/TIMEBOX_DONE" ]; then echo "teacher: already trained ($WORK/teacher)"; exit 0; fi
-  timeout -s KILL "${TEACHER_SECONDS:-200}" $PY -m sctlib.train --preset cifar10-ect --run-dir "$WORK/teacher" \
+  ${TEACHER_GPU:+env CUDA_VISIBLE_DEVICES=$TEACHER_GPU} ${RUN_CPUS:+taskset -c $RUN_CPUS} \
+    timeout -s KILL "${TEACHER_SECONDS:-200}" $PY -m sctlib.train --preset cifar10-ect --run-dir "$WORK/teacher" \
       dataset=edmzip data_path="$DATA" init= $NET net.boundary=never \
       loss.task=edm loss.weighting=edm loss.P_mean=-1.2 loss.P_std=1.2 \
       optim.name=adam optim.lr=1e-3 optim.betas=0.9,0.99 optim.lr_rampup_nimg=100000 \
@@ -85,9 +91,11 @@ job)  # one papermill run of pipelines/ablation.ipynb: job NAME ARM SEED [EXTRA 
   name=$2 arm=$3 seed=$4 extra=${5:-} ref=${6:-dataset}
   mkdir -p "$WORK/nb" "$WORK/log" "$WORK/runs"
   if [ -f "$WORK/runs/$name/results.json" ]; then echo "$(date +%T) have $name" >> "$WORK/log/jobs.txt"; exit 0; fi
+  # Several lanes (one xargs per GPU) read the same queue: the first to claim a run takes it.
+  mkdir -p "$WORK/claims"; mkdir "$WORK/claims/$name" 2>/dev/null || exit 0
   t0=$(date +%s)
-  echo "$(date +%T) start $name" >> "$WORK/log/jobs.txt"
-  OMP_NUM_THREADS=${JOB_THREADS:-2} $PY -m papermill pipelines/ablation.ipynb "$WORK/nb/$name.ipynb" --log-output \
+  echo "$(date +%T) start $name (GPU ${CUDA_VISIBLE_DEVICES:-default})" >> "$WORK/log/jobs.txt"
+  OMP_NUM_THREADS=${JOB_THREADS:-2} ${RUN_CPUS:+taskset -c $RUN_CPUS} $PY -m papermill pipelines/ablation.ipynb "$WORK/nb/$name.ipynb" --log-output \
       --no-progress-bar -k python3 \
       -p arm "$arm" -p seed "$seed" -p run_name "$name" -p runs_dir "$WORK/runs" -p teacher "$WORK/teacher" \
       -p data_path "$DATA" -p base_preset cifar10-ect -p ref_source "$ref" -p total_nimg "$TOTAL_NIMG" \
@@ -98,10 +106,11 @@ job)  # one papermill run of pipelines/ablation.ipynb: job NAME ARM SEED [EXTRA 
 queue)
   # One queue, LANES runs at a time, in the order the evidence matters: a whole seed of the four arms first.
   mkdir -p "$WORK/log"
+  rm -rf "$WORK/claims"  # claims of an earlier (stopped) queue
   Q=$WORK/queue.txt
   : > "$Q"
   for seed in ${SEEDS:-0 1 2}; do
-    for arm in ect ect_target ect_smooth sct; do echo "abl-$arm-s$seed $arm $seed '' dataset" >> "$Q"; done
+    for arm in ${ARMS-ect ect_target ect_smooth sct}; do echo "abl-$arm-s$seed $arm $seed '' dataset" >> "$Q"; done
   done
   case " ${JOBS_EXTRA-precision refs} " in *" precision "*)
     # Matched precision runs (issue 8): SCT, the same teacher, images and seeds, one format each; double_nimg
@@ -121,7 +130,15 @@ queue)
   ( # autoguidance by the EMA snapshots of abl-sct-s0 (SCT Fig. 6), as soon as that run exists
     while [ ! -f "$WORK/runs/abl-sct-s0/results.json" ]; do sleep 10; [ -f "$WORK/QUEUE_DONE" ] && exit 0; done
     bash "$0" guidance ) &
-  xargs -P "$LANES" -L 1 bash "$0" job < "$Q"
+  if [ -z "${QUEUE_GPUS:-}" ]; then
+    xargs -P "$LANES" -L 1 bash "$0" job < "$Q"
+  else  # one xargs per GPU, LANES each; GPU g starts when $WORK/gpu$g.free exists ('all' makes it)
+    for g in $QUEUE_GPUS; do
+      ( while [ ! -f "$WORK/gpu$g.free" ]; do sleep 5; done
+        CUDA_VISIBLE_DEVICES=$g xargs -P "$LANES" -L 1 bash "$0" job < "$Q" ) &
+    done
+    wait
+  fi
   touch "$WORK/QUEUE_DONE"
   wait
   ;;
@@ -143,10 +160,24 @@ all)
         --teacher-nimg "${PRECISION_TEACHER_NIMG:-30000}" ${PRECISION_ARGS:-} --work "$WORK/prec" --out "$WORK/runs/precision_h200_$PRECISION_NETS.json" \
         > "$WORK/log/precision_bench.log" 2>&1; echo "$(date +%T) precision benchmark ended ($?)" ) &
   fi
-  bash "$0" teacher
+  # BENCH_GPU: the exclusive speed benchmarks (experiments/gpu_bench.sh) on that GPU, beside the teacher on
+  # TEACHER_GPU; the queue's lanes of that GPU start once they end. Other GPUs of QUEUE_GPUS start at once.
+  for g in ${QUEUE_GPUS:-}; do [ "$g" = "${BENCH_GPU:-}" ] || touch "$WORK/gpu$g.free"; done
+  if [ -n "${BENCH_GPU:-}" ] && [ "${BENCH_GPU}" = "${TEACHER_GPU:-}" ]; then  # one GPU: the benchmarks first
+    CUDA_VISIBLE_DEVICES=$BENCH_GPU bash experiments/gpu_bench.sh exclusive > "$WORK/log/bench.log" 2>&1
+    echo "$(date +%T) exclusive benchmarks done"; touch "$WORK/gpu$BENCH_GPU.free"
+  elif [ -n "${BENCH_GPU:-}" ]; then
+    ( CUDA_VISIBLE_DEVICES=$BENCH_GPU ${BENCH_CPUS:+taskset -c $BENCH_CPUS} bash experiments/gpu_bench.sh exclusive \
+        > "$WORK/log/bench.log" 2>&1; echo "$(date +%T) exclusive benchmarks done"; touch "$WORK/gpu$BENCH_GPU.free" ) &
+  fi
+  ${TEACHER_GPU:+env CUDA_VISIBLE_DEVICES=$TEACHER_GPU} bash "$0" teacher  # its Heun FID on that GPU too
   echo "$(date +%T) teacher done"
   bash "$0" queue
   wait
+  for st in ${AFTER_BENCH:-}; do  # e.g. 'ddp compile': gpu_bench.sh stages with nothing else running
+    bash experiments/gpu_bench.sh "$st" >> "$WORK/log/bench_after.log" 2>&1
+    echo "$(date +%T) benchmarks '$st' done"
+  done
   echo "$(date +%T) all: end"
   touch "$WORK/ALL_DONE"
   ;;
@@ -169,7 +200,7 @@ pack)
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv 2>/dev/null
     for f in "$WORK"/log/*.log; do echo "== $f"; tail -c 1500 "$f"; echo; done; } > "$OUT/status.txt" 2>&1
   bash "$0" collect > /dev/null 2>&1 || true
-  tar -C "$WORK" -czf "$OUT/side.tgz" $(cd "$WORK" && ls -d runs/*.json out log 2>/dev/null) 2>/dev/null || true
+  tar -C "$WORK" -czf "$OUT/side.tgz" $(cd "$WORK" && ls -d runs/*.json runs/*.txt out log 2>/dev/null) 2>/dev/null || true
   cat "$OUT/status.txt" | head -c 6000
   ;;
 collect)
@@ -192,7 +223,8 @@ stop)
   pkill -f "natural32.sh all" || true; pkill -f "natural32.sh queue" || true; pkill -x xargs || true
   pkill -f "natural32.sh job" || true; pkill -f papermill || true; pkill -f ipykernel_launcher || true
   pkill -f "sctlib.train" || true; pkill -f "natural32.sh guidance" || true
-  pkill -f "benchmarks/precision.py" || true; sleep 2; echo stopped
+  pkill -f "benchmarks/precision.py" || true; pkill -f "gpu_bench.sh" || true; pkill -f "benchmarks/" || true
+  sleep 2; echo stopped
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

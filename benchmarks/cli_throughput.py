@@ -1,0 +1,133 @@
+"""Training speed as a user gets it: ``python -m sctlib.train --preset P`` on an EDM-format zip, one process
+or several under torchrun, the rate read from the run's own ``stats.jsonl``.
+
+``train_throughput.py`` times the step in isolation; this script runs the command line a user types (data
+loading, the preset's defaults, EMA, tick bookkeeping, DDP) and reports, per preset and process count:
+
+- ``img_per_s``: the median of the per-tick rates after the first ``--skip-ticks`` ticks (the first tick
+  holds start-up work: cuDNN autotuning, ``torch.compile``'s compilation, the first sample grid);
+- ``first_tick_s``: the first tick's wall time, so the compile warm-up is reported apart from the rate;
+- ``ddp_efficiency`` (rows with nproc > 1): rate / (nproc x the 1-process rate of the same preset and
+  overrides, measured in the same invocation), at the same per-GPU batch (``--batch-gpu``).
+
+    python benchmarks/cli_throughput.py --data natural-32.zip --presets cifar10-ect,cifar10-sct --nproc 1,2
+    python benchmarks/cli_throughput.py --data natural-32.zip --presets cifar10-ect --extra compile=true channels_last=true
+    python benchmarks/cli_throughput.py --tiny        # CPU plumbing check on a small written zip (gloo for nproc 2)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run_cli(preset: str, data: str, nproc: int, batch_gpu: int, ticks: int, steps_per_tick: int,
+            extra, run_dir: Path, env=None) -> dict:
+    """One training run through the CLI; returns its per-tick rates and wall times."""
+    batch = batch_gpu * nproc
+    tick_nimg = batch * steps_per_tick
+    args = ["--preset", preset, "--run-dir", str(run_dir), "--no-progress", "dataset=edmzip", f"data_path={data}",
+            "init=", f"batch_size={batch}", f"tick_nimg={tick_nimg}", f"total_nimg={tick_nimg * ticks}",
+            "checkpoint_nimg=0", "keep_checkpoints=1", *extra]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "sctlib.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "sctlib.train", *args]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}\nfailed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    lines = [json.loads(l) for l in (run_dir / "stats.jsonl").read_text().splitlines() if l.strip()]
+    return {"rates": [l["img_per_s"] for l in lines], "times": [l["time"] for l in lines],
+            "peak_mem_gib": max((l.get("peak_mem_gib") or 0.0) for l in lines),
+            "precision": lines[-1].get("precision"), "wall_s": wall, "command": " ".join(cmd)}
+
+
+def summarise(res: dict, skip: int, tick_nimg: int) -> dict:
+    rates = res["rates"][skip:]
+    if not rates:
+        raise ValueError(f"no ticks left after skipping {skip}: raise --ticks")
+    return {"img_per_s": statistics.median(rates), "tick_rates": res["rates"],
+            "spread": (max(rates) - min(rates)) / statistics.median(rates),
+            # the first tick's wall time (img_per_s = tick images / tick seconds): start-up and compilation
+            "first_tick_s": tick_nimg / res["rates"][0], "peak_mem_gib": res["peak_mem_gib"],
+            "precision": res["precision"], "wall_s": res["wall_s"], "command": res["command"]}
+
+
+def _tiny_zip(path: Path) -> str:
+    import numpy as np
+
+    from sctlib.data import write_edm_zip
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(256, 32, 32, 3), dtype=np.uint8)
+    write_edm_zip(str(path), images, labels=None)
+    return str(path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="", help="EDM-format zip (CIFAR-10 or ImageNet-64 layout)")
+    ap.add_argument("--presets", default="cifar10-ect,cifar10-sct")
+    ap.add_argument("--nproc", default="1,2", help="process counts, one row each (1 is the DDP baseline)")
+    ap.add_argument("--batch-gpu", type=int, default=128, help="per-process batch (global = nproc x this)")
+    ap.add_argument("--ticks", type=int, default=6)
+    ap.add_argument("--steps-per-tick", type=int, default=10)
+    ap.add_argument("--skip-ticks", type=int, default=1)
+    ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every run (e.g. compile=true)")
+    ap.add_argument("--label", default="preset defaults")
+    ap.add_argument("--tiny", action="store_true", help="small networks on the CPU, a written 256-image zip")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+
+    extra = list(args.extra)
+    tmp = tempfile.TemporaryDirectory()
+    data = args.data
+    if args.tiny:
+        data = data or _tiny_zip(Path(tmp.name) / "tiny.zip")
+        extra = ["device=cpu", "net.model_channels=16", "net.channel_mult=1,1", "net.num_blocks=1",
+                 "net.attn_resolutions=", "workers=0", *extra]
+        args.batch_gpu, args.ticks, args.steps_per_tick = 8, 3, 2
+    if not data or not Path(data).is_file():
+        raise SystemExit(f"--data: no such EDM-format zip: {data!r} (python -m sctlib.data natural out.zip writes one)")
+
+    import torch
+
+    meta = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.tiny else "cpu",
+            "gpus": torch.cuda.device_count(), "torch": torch.__version__, "batch_gpu": args.batch_gpu,
+            "ticks": args.ticks, "steps_per_tick": args.steps_per_tick, "skip_ticks": args.skip_ticks,
+            "extra": extra, "label": args.label, "data": Path(data).name, "argv": sys.argv[1:]}
+    rows = []
+    procs = [int(n) for n in args.nproc.split(",")]
+    print(f"{'preset':<16} {'nproc':>5} {'img/s':>9} {'per GPU':>9} {'DDP eff':>8} {'spread':>7} "
+          f"{'tick 1 s':>9} {'peak GiB':>9} {'wall s':>7}  format", flush=True)
+    for preset in args.presets.split(","):
+        base = None
+        for n in procs:
+            res = run_cli(preset, data, n, args.batch_gpu, args.ticks, args.steps_per_tick, extra,
+                          Path(tmp.name) / f"{preset}-{n}")
+            row = {"preset": preset, "nproc": n,
+                   **summarise(res, args.skip_ticks, args.batch_gpu * n * args.steps_per_tick)}
+            if n == 1:
+                base = row["img_per_s"]
+            row["ddp_efficiency"] = row["img_per_s"] / (n * base) if (base and n > 1) else None
+            rows.append(row)
+            eff = f"{row['ddp_efficiency']:.3f}" if row["ddp_efficiency"] is not None else "-"
+            print(f"{preset:<16} {n:>5} {row['img_per_s']:>9.1f} {row['img_per_s'] / n:>9.1f} {eff:>8} "
+                  f"{row['spread']:>7.3f} {row['first_tick_s']:>9.1f} {row['peak_mem_gib']:>9.2f} "
+                  f"{row['wall_s']:>7.1f}  {row['precision']}", flush=True)
+            if args.out:  # after every row: a later failure keeps what was measured
+                Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

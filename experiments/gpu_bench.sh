@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Speed benchmarks on a lent GPU machine, each writing its JSON and printed table to $RES (default
+# $WORK/runs), with a time limit each so that one slow benchmark cannot eat the rest. Run from the repo root.
+#
+#   bash experiments/gpu_bench.sh exclusive   # one idle GPU: reference-pass cost, SCT reference rows of the
+#                                             # training step, 1-step sampling rate
+#   bash experiments/gpu_bench.sh compile     # one idle GPU: the CLI with compile and channels-last
+#   bash experiments/gpu_bench.sh ddp         # every GPU of the host, nothing else running: the CLI on 1 and 2
+#                                             # processes (DDP efficiency at the same per-GPU batch)
+#
+# DATA names the EDM-format zip of the CLI runs (experiments/natural32.sh setup builds one).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+WORK=${WORK:-/tmp/sct-natural32}
+RES=${RES:-$WORK/runs}
+DATA=${DATA:-$WORK/natural-32.zip}
+mkdir -p "$RES"
+b() {  # b NAME SECONDS CMD...: run one benchmark, its table to NAME.txt, exit status noted
+  local name=$1 secs=$2; shift 2
+  echo "$(date +%T) bench $name: start"
+  timeout -s KILL "$secs" "$@" > "$RES/$name.txt" 2>&1
+  echo "$(date +%T) bench $name: exit $?"
+}
+case "${1:?stage: exclusive | ddp | compile}" in
+exclusive)
+  nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv > "$RES/bench_gpu_state.txt" 2>&1
+  # Issue 13: the reference pass alone (CIFAR-10 50,000 references; ImageNet-64 per class), float64 vs mixed.
+  b bench_reference_cost 150 $PY benchmarks/reference_cost.py --calls 20 --out "$RES/bench_reference_cost.json"
+  # Issue 13: the reference sources inside the real training step, interleaved with the ECT step.
+  b bench_throughput_refs 330 $PY benchmarks/train_throughput.py --nets cifar10,imagenet64-s --variants bf16 \
+      --refs batch,bank,dataset-all,dataset-all-f64,dataset-class,dataset-class-f64 --steps 8 --rounds 4 --warmup 5 \
+      --out "$RES/bench_throughput_refs.json"
+  # Issue 12: 1-step sampling rate for FID-50k, both networks, with the Inception features.
+  b bench_sample_throughput 150 $PY benchmarks/sample_throughput.py --nets cifar10,imagenet64-s --formats bf16,tf32,fp32 \
+      --features --out "$RES/bench_sample_throughput.json"
+  ;;
+ddp)
+  nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv > "$RES/bench_gpu_state_ddp.txt" 2>&1
+  # Issue 12: DDP on 2 GPUs vs 1 at 128 images per GPU, the presets' own defaults, through the CLI.
+  b bench_cli_ddp 420 $PY benchmarks/cli_throughput.py --data "$DATA" --presets cifar10-ect,cifar10-sct --nproc 1,2 \
+      --ticks 6 --steps-per-tick 10 --out "$RES/bench_cli_ddp.json"
+  # The weights of 2 processes vs 1 with the same global batch (NCCL), ECT and SCT with the global-batch references.
+  for task in ect sct; do  # SCT with loss.ref_source=all: the gathered global batch as the reference set
+    b bench_ddp_equivalence_$task 150 $PY benchmarks/ddp_equivalence.py --nproc 2 --device cuda --preset digits-$task \
+        --total-nimg 8192 --extra loss.ref_source=all
+  done
+  ;;
+compile)
+  # Issue 12: the CLI as a user runs it, with compile and channels-last (compile warm-up in the first tick).
+  b bench_cli_compile 420 $PY benchmarks/cli_throughput.py --data "$DATA" --presets cifar10-ect,cifar10-sct --nproc 1 \
+      --ticks 5 --steps-per-tick 20 --extra compile=true channels_last=true --label "compile + channels-last" \
+      --out "$RES/bench_cli_compile.json"
+  ;;
+*) echo "unknown stage $1" >&2; exit 2 ;;
+esac

@@ -3,7 +3,8 @@
 # $WORK/runs), with a time limit each so that one slow benchmark cannot eat the rest. Run from the repo root.
 #
 #   bash experiments/gpu_bench.sh exclusive   # one idle GPU: reference-pass cost, SCT reference rows of the
-#                                             # training step, 1-step sampling rate
+#                                             # training step (bf16 and TF32)
+#   bash experiments/gpu_bench.sh sample      # one idle GPU: 1-step sampling rate for FID-50k
 #   bash experiments/gpu_bench.sh compile     # one idle GPU: the CLI with compile and channels-last
 #   bash experiments/gpu_bench.sh ddp         # every GPU of the host, nothing else running: the CLI on 1 and 2
 #                                             # processes (DDP efficiency at the same per-GPU batch)
@@ -22,17 +23,23 @@ b() {  # b NAME SECONDS CMD...: run one benchmark, its table to NAME.txt, exit s
   timeout -s KILL "$secs" "$@" > "$RES/$name.txt" 2>&1
   echo "$(date +%T) bench $name: exit $?"
 }
-case "${1:?stage: exclusive | ddp | compile}" in
+case "${1:?stage: exclusive | sample | ddp | compile}" in
 exclusive)
   nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv > "$RES/bench_gpu_state.txt" 2>&1
   # Issue 13: the reference pass alone (CIFAR-10 50,000 references; ImageNet-64 per class), float64 vs mixed.
   b bench_reference_cost 150 $PY benchmarks/reference_cost.py --calls 20 --out "$RES/bench_reference_cost.json"
-  # Issue 13: the reference sources inside the real training step, interleaved with the ECT step.
-  b bench_throughput_refs 330 $PY benchmarks/train_throughput.py --nets cifar10,imagenet64-s --variants bf16 \
-      --refs batch,bank,dataset-all,dataset-all-f64,dataset-class,dataset-class-f64 --steps 8 --rounds 4 --warmup 5 \
-      --out "$RES/bench_throughput_refs.json"
+  # Issues 13 and 8: the reference sources inside the real training step, interleaved with the ECT step, in
+  # both formats of the CIFAR-10 presets' precision rule (bf16 early, TF32 late) ...
+  b bench_throughput_cifar 240 $PY benchmarks/train_throughput.py --nets cifar10 --variants bf16,fp32+tf32 \
+      --refs batch,dataset-all-f64,dataset-all --steps 8 --rounds 4 --warmup 5 --out "$RES/bench_throughput_cifar.json"
+  # ... and ImageNet-64 EDM2-S with the class-restricted source of its SCT presets (bf16; its TF32 rows are
+  # in the committed throughput record).
+  b bench_throughput_in64 240 $PY benchmarks/train_throughput.py --nets imagenet64-s --variants bf16 \
+      --refs batch,dataset-class-f64,dataset-class --steps 6 --rounds 4 --warmup 4 --out "$RES/bench_throughput_in64.json"
+  ;;
+sample)
   # Issue 12: 1-step sampling rate for FID-50k, both networks, with the Inception features.
-  b bench_sample_throughput 150 $PY benchmarks/sample_throughput.py --nets cifar10,imagenet64-s --formats bf16,tf32,fp32 \
+  b bench_sample_throughput 180 $PY benchmarks/sample_throughput.py --nets cifar10,imagenet64-s --formats bf16,tf32 \
       --features --out "$RES/bench_sample_throughput.json"
   ;;
 ddp)

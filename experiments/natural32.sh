@@ -19,7 +19,8 @@
 # reference sources batch and bank (SCT Fig. 4), and autoguidance of abl-sct-s0 by its EMA snapshots (Fig. 6).
 #
 # Environment: WORK (runs and data, default /tmp/sct-natural32), OUT (records to keep, default ./out),
-# PY (python, default python3), JOBS_EXTRA (extra parallel runs: "refs", "precision"; default both), ARMS (the
+# PY (python, default python3), PREC_TOTAL_NIMG / PREC_DOUBLE_NIMG / PREC_EVAL_NIMG (length of the
+# matched precision runs), JOBS_EXTRA (extra parallel runs: "refs", "precision"; default both), ARMS (the
 # ablation arms queued; "" for none), LANES (runs at a time, per GPU with QUEUE_GPUS), QUEUE_GPUS (e.g. "1 0":
 # one set of lanes per GPU), TEACHER_GPU, BENCH_GPU (experiments/gpu_bench.sh exclusive on that GPU beside the
 # teacher), AFTER_BENCH (a gpu_bench.sh stage after the queue, e.g. ddp), RUN_CPUS / BENCH_CPUS (taskset lists
@@ -94,12 +95,16 @@ job)  # one papermill run of pipelines/ablation.ipynb: job NAME ARM SEED [EXTRA 
   # Several lanes (one xargs per GPU) read the same queue: the first to claim a run takes it.
   mkdir -p "$WORK/claims"; mkdir "$WORK/claims/$name" 2>/dev/null || exit 0
   t0=$(date +%s)
+  total=$TOTAL_NIMG evals=$EVAL_NIMG
+  # Matched precision runs have their own length (PREC_TOTAL_NIMG, PREC_EVAL_NIMG; the schedule's
+  # double_nimg is in their overrides, so the stage exponent still ends at 8).
+  case "$name" in prec-*) total=${PREC_TOTAL_NIMG:-$TOTAL_NIMG} evals=${PREC_EVAL_NIMG:-$EVAL_NIMG} ;; esac
   echo "$(date +%T) start $name (GPU ${CUDA_VISIBLE_DEVICES:-default})" >> "$WORK/log/jobs.txt"
   OMP_NUM_THREADS=${JOB_THREADS:-2} ${RUN_CPUS:+taskset -c $RUN_CPUS} $PY -m papermill pipelines/ablation.ipynb "$WORK/nb/$name.ipynb" --log-output \
       --no-progress-bar -k python3 \
       -p arm "$arm" -p seed "$seed" -p run_name "$name" -p runs_dir "$WORK/runs" -p teacher "$WORK/teacher" \
-      -p data_path "$DATA" -p base_preset cifar10-ect -p ref_source "$ref" -p total_nimg "$TOTAL_NIMG" \
-      -p fid_images "$FID_IMAGES" -p fid_ref_images "${FID_REF_IMAGES:-0}" -p eval_nimg "$EVAL_NIMG" \
+      -p data_path "$DATA" -p base_preset cifar10-ect -p ref_source "$ref" -p total_nimg "$total" \
+      -p fid_images "$FID_IMAGES" -p fid_ref_images "${FID_REF_IMAGES:-0}" -p eval_nimg "$evals" \
       -p overrides "$NET $TUNE $extra" > "$WORK/log/$name.log" 2>&1 && st=done || st=FAILED
   echo "$(date +%T) $st $name $(( $(date +%s) - t0 )) s" >> "$WORK/log/jobs.txt"
   ;;
@@ -113,9 +118,9 @@ queue)
     for arm in ${ARMS-ect ect_target ect_smooth sct}; do echo "abl-$arm-s$seed $arm $seed '' dataset" >> "$Q"; done
   done
   case " ${JOBS_EXTRA-precision refs} " in *" precision "*)
-    # Matched precision runs (issue 8): SCT, the same teacher, images and seeds, one format each; double_nimg
-    # PREC_DOUBLE_NIMG takes the stage exponent to 1 + TOTAL_NIMG / PREC_DOUBLE_NIMG (8 by default), where
-    # the difference D(x_t) - D(x_r) is smallest.
+    # Matched precision runs (issue 8): SCT, the same teacher, images and seeds, one format each. The smooth
+    # schedule ends at a = PREC_TOTAL_NIMG / PREC_DOUBLE_NIMG (ECT's final stage 8 by default: 96,000 /
+    # 12,000), where the difference D(x_t) - D(x_r) is smallest.
     # 'rule' is the paper presets' default, bf16 until stage 4, then TF32 (sctlib.precision).
     for seed in ${SEEDS:-0 1 2}; do for p in bf16 fp16 tf32 rule; do
       prec=$p; [ "$p" = rule ] && prec='auto,tf32@stage>=4'

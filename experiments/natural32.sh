@@ -201,12 +201,13 @@ wait)
   ;;
 pack)
   # At most a few files into $OUT: status, the run records, logs, the side results.
-  { echo "== $(date +%T)"; cat "$WORK/log/all.log" 2>/dev/null; echo "== jobs"; cat "$WORK/log/jobs.txt" 2>/dev/null
-    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv 2>/dev/null
-    for f in "$WORK"/log/*.log; do echo "== $f"; tail -c 1500 "$f"; echo; done; } > "$OUT/status.txt" 2>&1
+  # Every step tolerates a missing file ('set -e' would otherwise end the pack before the records are written).
+  { echo "== $(date +%T)"; cat "$WORK/log/all.log" 2>/dev/null || true; echo "== jobs"; cat "$WORK/log/jobs.txt" 2>/dev/null || true
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv 2>/dev/null || true
+    for f in "$WORK"/log/*.log; do [ -f "$f" ] || continue; echo "== $f"; tail -c 1500 "$f" || true; echo; done; } > "$OUT/status.txt" 2>&1 || true
   bash "$0" collect > /dev/null 2>&1 || true
   tar -C "$WORK" -czf "$OUT/side.tgz" $(cd "$WORK" && ls -d runs/*.json runs/*.txt out log 2>/dev/null) 2>/dev/null || true
-  cat "$OUT/status.txt" | head -c 6000
+  head -c 6000 "$OUT/status.txt" || true
   ;;
 collect)
   $PY - "$WORK/runs" "$OUT" <<'PY'

@@ -21,7 +21,8 @@ b() {  # b NAME SECONDS CMD...: run one benchmark, its table to NAME.txt, exit s
   local name=$1 secs=$2; shift 2
   echo "$(date +%T) bench $name: start"
   timeout -s KILL "$secs" "$@" > "$RES/$name.txt" 2>&1
-  echo "$(date +%T) bench $name: exit $?"
+  local rc=$?  # before any $(...) in the message: a command substitution resets $?
+  echo "$(date +%T) bench $name: exit $rc"
 }
 case "${1:?stage: exclusive | sample | ddp | compile}" in
 exclusive)

@@ -163,7 +163,7 @@ all)
   if [ -n "${PRECISION_NETS:-}" ]; then  # the precision benchmark of issue 8 on the side (accuracy only, not speed)
     ( timeout -s KILL "${PRECISION_SECONDS:-540}" $PY benchmarks/precision.py --nets "$PRECISION_NETS" \
         --teacher-nimg "${PRECISION_TEACHER_NIMG:-30000}" ${PRECISION_ARGS:-} --work "$WORK/prec" --out "$WORK/runs/precision_h200_$PRECISION_NETS.json" \
-        > "$WORK/log/precision_bench.log" 2>&1; echo "$(date +%T) precision benchmark ended ($?)" ) &
+        > "$WORK/log/precision_bench.log" 2>&1; rc=$?; echo "$(date +%T) precision benchmark ended ($rc)" ) &
   fi
   # BENCH_GPU: the exclusive speed benchmarks (experiments/gpu_bench.sh) on that GPU, beside the teacher on
   # TEACHER_GPU; the queue's lanes of that GPU start once they end. Other GPUs of QUEUE_GPUS start at once.

@@ -223,8 +223,8 @@ class DatasetReferences(ReferenceSource):
     ``compute`` picks the arithmetic (both give the same weights to within the bound below):
 
     * ``'float64'`` (default) - every logit, the streamed log-sum-exp and the weighted sum in float64 (the
-      exact reference; each chunk of uint8 references is dequantised to float64: 8 bytes per element, and per
-      row in the conditional path).
+      exact reference; each chunk of stored values u is converted to float64, 8 bytes per element, per row
+      in the conditional path, and ref = a u + b is applied to the products, not to the elements).
     * ``'mixed'`` - see :meth:`_mixed`: screening logits of every reference from a float32
       GEMM on the raw uint8 values u (exact in float32; ref = u / 127.5 - 1 applied algebraically, TF32
       forced off for the call), then the ``topk`` largest logits of each row recomputed in float64 from
@@ -326,6 +326,10 @@ class DatasetReferences(ReferenceSource):
         o = x0.detach().reshape(B, -1).to(device=dev, dtype=ldt)
         inv_t2 = 1.0 / _per_row(t, x_t).reshape(B).to(device=dev, dtype=ldt).clamp(min=1e-12) ** 2
         o_sq = (o * o).sum(1)
+        # ref = a u + b on the stored values u, applied algebraically to the products (q.ref = a q.u + b sum q,
+        # sum_j p_j ref_j = a sum_j p_j u_j + b sum_j p_j): each chunk is converted once to float64 and never
+        # dequantised elementwise (two more float64 passes over B x rows x d elements in the conditional path).
+        a, b = self._affine()
         with torch.autocast(device_type=dev.type, enabled=False):
             # The own image first: logit l_own, weight 1 relative to itself.
             l_own = ((x * o).sum(1) - 0.5 * o_sq) * inv_t2
@@ -339,9 +343,10 @@ class DatasetReferences(ReferenceSource):
             if not cond:
                 step = max(1, min(chunk_size, self.elements_per_chunk // max(self.d, 1)))
                 q = torch.cat([x, o])  # [2B, d]: one read of each chunk serves both products
+                q_b = q.sum(1, keepdim=True) * b                        # b sum(q): the affine part of q.ref
                 for s in range(0, self.store.shape[0], step):
-                    R = self._deq(self.store[s:s + step], ldt)
-                    dots = q @ R.T                                        # [2B, n_c]
+                    U = self.store[s:s + step].to(ldt)                    # raw stored values, exact in float64
+                    dots = (q @ U.T) * a + q_b                            # q.ref = a (q.u) + b sum(q), [2B, n_c]
                     sq = self.sq[s:s + step]
                     logits = (dots[:B] - 0.5 * sq) * inv_t2[:, None]
                     dup = (o_sq[:, None] - 2 * dots[B:] + sq) <= self.dup_d2  # the own image's stored copy
@@ -349,19 +354,21 @@ class DatasetReferences(ReferenceSource):
                     n_refs += (~dup).sum(1)
                     if return_weights:
                         all_logits.append(logits)
-                    m, s1, s2, acc = _lse_update(m, s1, s2, acc, logits, lambda p: p @ R)
+                    m, s1, s2, acc = _lse_update(m, s1, s2, acc, logits,
+                                                 lambda p: (p @ U) * a + p.sum(1, keepdim=True) * b)
             else:
                 c = _class_index(labels).to(dev)
                 lo, hi = self.offsets[c], self.offsets[c + 1]
                 rows = max(1, min(self.max_class, self.elements_per_chunk // max(B * self.d, 1)))
                 ar = torch.arange(rows, device=dev)
                 q = torch.stack([x, o], dim=1)  # [B, 2, d]
+                q_b = q.sum(2, keepdim=True) * b                          # [B, 2, 1]
                 for j in range(0, self.max_class, rows):
                     idx = lo[:, None] + j + ar[None, :]                   # [B, rows]
                     valid = idx < hi[:, None]
                     idx = torch.where(valid, idx, lo[:, None])
-                    R = self._deq(self.store[idx], ldt)                   # [B, rows, d]
-                    dots = torch.bmm(q, R.transpose(1, 2))                # [B, 2, rows]
+                    U = self.store[idx].to(ldt)                           # [B, rows, d], raw values
+                    dots = torch.bmm(q, U.transpose(1, 2)) * a + q_b      # [B, 2, rows]
                     sq = self.sq[idx]
                     logits = (dots[:, 0] - 0.5 * sq) * inv_t2[:, None]
                     dup = (o_sq[:, None] - 2 * dots[:, 1] + sq) <= self.dup_d2
@@ -371,7 +378,8 @@ class DatasetReferences(ReferenceSource):
                     if return_weights:
                         all_logits.append(logits)
                     m, s1, s2, acc = _lse_update(m, s1, s2, acc, logits,
-                                                 lambda p: torch.bmm(p[:, None, :], R)[:, 0])
+                                                 lambda p: torch.bmm(p[:, None, :], U)[:, 0] * a
+                                                 + p.sum(1, keepdim=True) * b)
         x0_hat = (acc / s1[:, None]).to(dtype).reshape(x_t.shape).to(x_t.device)
         ess = s1 * s1 / s2
         w_own = ((l_own - m).exp() / s1).clamp(max=1.0)  # the own term of s1 is exp(l_own - m)

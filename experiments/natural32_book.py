@@ -30,12 +30,17 @@ def main(argv=None) -> int:
     ap.add_argument("--prefix", default="natural32")
     ap.add_argument("--dest", default="book/results")
     ap.add_argument("--setting", default="", help="the sizes of the experiment, in words (stored in each record)")
+    ap.add_argument("--partial", action="store_true",
+                    help="also use runs stopped before their end (their evaluations so far; say so in --setting)")
     args = ap.parse_args(argv)
     src, dest = Path(args.out_dir), Path(args.dest)
     if not (src / "natural32_runs.json").is_file():
         ap.error(f"{src / 'natural32_runs.json'} does not exist: run `bash experiments/natural32.sh collect` "
                  "(or `pack`) with OUT pointing there first")
-    runs = json.loads((src / "natural32_runs.json").read_text())["complete"]
+    collected = json.loads((src / "natural32_runs.json").read_text())
+    runs = dict(collected["complete"])
+    if args.partial:  # runs cut by the time limit: their evaluations so far (marked 'partial' in each run)
+        runs.update(sct.ablation.partial_runs(collected.get("partial", {})))
     if not runs:
         ap.error(f"{src / 'natural32_runs.json'} holds no finished run")
     def opt(name):

@@ -366,14 +366,26 @@ def plot_fid_curves(rows: Sequence[dict], *, steps: Sequence[int] = (1, 2), axes
     else:
         fig = axes[0].figure
     arms = [a for a in dict.fromkeys(r["arm"] for r in rows)]
+    single = len({r["nimg"] for r in rows}) == 1  # one eval point: arms side by side with sd error bars
     for ax, k in zip(axes, steps):
-        for arm in arms:
+        for i, arm in enumerate(arms):
             rr = [r for r in rows if r["arm"] == arm]
             x = np.array([r["nimg"] for r in rr], dtype=np.float64)
             m = np.array([r[f"fid_{k}step_mean"] for r in rr])
             s = np.array([r[f"fid_{k}step_sd"] for r in rr])
-            (line,) = ax.plot(x, m, marker="o", ms=3, label=f"{arm} (n={rr[0]['n_seeds']})")
+            label = f"{arm} (n={rr[0]['n_seeds']})"
+            if single:
+                ax.errorbar([i], m, yerr=s, marker="o", ms=5, capsize=4, ls="none", label=label)
+                continue
+            (line,) = ax.plot(x, m, marker="o", ms=3, label=label)
             ax.fill_between(x, m - s, m + s, color=line.get_color(), alpha=0.2, lw=0)
+        if single:
+            ax.set_xticks(range(len(arms)), arms)
+            ax.set_xlim(-0.6, len(arms) - 0.4)
+            ax.set_xlabel(f"at {int(rows[0]['nimg']):,} images seen (mean +- sd over seeds)")
+            ax.set_ylabel(f"FID, {k} step{'s' if k > 1 else ''}")
+            ax.legend(fontsize=8)
+            continue
         ax.set_xlabel("images seen")
         ax.set_ylabel(f"FID, {k} step{'s' if k > 1 else ''}")
         if log_y:
@@ -439,6 +451,25 @@ _EVIDENCE_GROUPS: Dict[str, Callable[[str], Optional[str]]] = {
                                     "bank (4,096)" if n.startswith("ref-bank-") else
                                     "batch" if n.startswith("ref-batch-") else None),
 }
+
+
+def partial_runs(partial: Dict[str, List[dict]]) -> Dict[str, dict]:
+    """Runs stopped before their end, as run records :func:`evidence_records` accepts.
+
+    ``partial``: ``{run name: [evaluation rows of its evals.jsonl]}`` (what ``experiments/natural32.sh collect``
+    keeps of a run cut by a time limit). Each becomes ``{'results': {'seed', 'curve', 'stats': [], 'partial':
+    True}}`` with the seed from the name's ``-s<seed>`` suffix; a run with no evaluation is left out.
+    Seeds of one group must then share their eval points (:func:`aggregate_arms` checks), so a group whose
+    runs were cut at different points is refused rather than averaged over unequal lengths.
+    """
+    out: Dict[str, dict] = {}
+    for name, evals in sorted(partial.items()):
+        head, sep, seed = name.rpartition("-s")
+        if not sep or not seed.isdigit():
+            raise ValueError(f"partial run {name!r}: the name does not end in -s<seed>")
+        if evals:
+            out[name] = {"results": {"seed": int(seed), "curve": list(evals), "stats": [], "partial": True}}
+    return out
 
 
 def evidence_records(runs: Dict[str, dict], *, prefix: str, command: str, setting: str,

@@ -102,6 +102,16 @@ def test_plot_fid_curves_draws_a_band_per_arm():
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+    # one eval point (runs cut short): the arms side by side with sd error bars
+    one = [r for r in rows if r["nimg"] == 10]
+    fig = A.plot_fid_curves(one)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["ect", "sct"]  # aggregate_arms' order
+    ys = [c.lines[0].get_ydata()[0] for c in ax.containers]
+    assert ys == [8.5, 6.0]
+    seg = ax.containers[0].lines[2][0].get_segments()[0]  # ect's error bar: mean -+ sd (8 and 9: sd 0.707)
+    assert abs(seg[1][1] - seg[0][1] - 2 * 0.5 ** 0.5) < 1e-9
+    plt.close(fig)
 
 
 def test_run_arm_refuses_bad_arguments(tmp_path):
@@ -211,3 +221,22 @@ def test_evidence_records_group_runs_by_name_and_average_over_seeds():
     assert rec["n_reference_sources"]["groups"] == {"batch": [0], "bank (4,096)": [0], "dataset": [0, 1]}
     assert set(rec["n_precision"]["runs"]) == {"prec-fp16-s0", "prec-bf16-s0"}
     assert rec["n_ablation"]["command"] == "cmd" and rec["n_ablation"]["setting"] == "set"
+
+
+def test_partial_runs_become_records_of_their_evaluations_so_far():
+    ev = lambda n, f1, f2: {"eval_point": n, "nimg": n + 32, "fid_1step": f1, "fid_2step": f2, "grad_var_trace": 1.0}
+    partial = {"prec-bf16-s0": [ev(12, 250.0, 190.0)], "prec-bf16-s1": [ev(12, 254.0, 194.0)],
+               "prec-tf32-s2": [ev(12, 240.0, 180.0)], "prec-fp16-s0": []}
+    runs = A.partial_runs(partial)
+    assert sorted(runs) == ["prec-bf16-s0", "prec-bf16-s1", "prec-tf32-s2"]  # no evaluation: left out
+    assert runs["prec-tf32-s2"]["results"]["seed"] == 2 and runs["prec-tf32-s2"]["results"]["partial"] is True
+    rec = A.evidence_records(runs, prefix="p", command="c", setting="cut")
+    rows = {r["arm"]: r for r in rec["p_precision"]["results"]["rows"]}
+    assert rows["bf16"]["fid_1step_mean"] == 252.0 and abs(rows["bf16"]["fid_2step_sd"] - 8 ** 0.5) < 1e-12
+    assert rows["bf16"]["nimg"] == 12 and rows["tf32"]["n_seeds"] == 1
+    # seeds cut at different points are refused, not averaged
+    partial["prec-bf16-s1"].append(ev(24, 200.0, 150.0))
+    with pytest.raises(ValueError, match="different points"):
+        A.evidence_records(A.partial_runs(partial), prefix="p", command="c", setting="cut")
+    with pytest.raises(ValueError, match="-s<seed>"):
+        A.partial_runs({"prec-bf16": [ev(12, 1.0, 1.0)]})

@@ -175,8 +175,27 @@ def main(argv=None):
             "mixed": lambda: src(x_t, t, x0, lab, chunk_size=args.chunk, compute="mixed"),
             "batch": lambda: batch_src(x_t, t, x0, lab, chunk_size=args.chunk),
         }
+        if labels is not None:  # the class path: fused Triton kernels (the default on CUDA) vs plain PyTorch
+            def torch_path():
+                src.fused = False
+                try:
+                    return src(x_t, t, x0, lab, chunk_size=args.chunk, compute="float64")
+                finally:
+                    src.fused = None
+            calls["float64-torch"] = torch_path
+            if device.type == "cuda" and src._use_fused(device):
+                x_fused, _ = src(x_t, t, x0, lab, chunk_size=args.chunk, compute="float64")
+                x_torch, _ = torch_path()
+                fused_vs_torch = float((x_fused.double() - x_torch.double()).abs().max()
+                                       / (x_t - x_fused).abs().max())
+                row_base_extra = {"fused_vs_torch_rel": fused_vs_torch}
+                print(f"{case}: fused float64 vs PyTorch float64, max |dx0| / max |x_t - x0_hat| = {fused_vs_torch:.2e}")
+            else:
+                row_base_extra = {}
+        else:
+            row_base_extra = {}
         row_base = {"case": case, "B": B, "shape": list(shape), "refs": n, "conditional": labels is not None,
-                    "classes": args.classes if labels is not None else 0, "build_s": build_s}
+                    "classes": args.classes if labels is not None else 0, "build_s": build_s, **row_base_extra}
         for mode, fn in calls.items():
             r = {**row_base, "mode": mode, **timed(fn, args.calls, args.warmup, device)}
             if device.type == "cuda":
@@ -205,13 +224,13 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    print(f"\n{'case':10s} {'mode':8s} {'refs':>8s} {'ms med':>8s} {'p10':>7s} {'p90':>7s} {'x f64':>6s} "
+    print(f"\n{'case':10s} {'mode':13s} {'refs':>8s} {'ms med':>8s} {'p10':>7s} {'p90':>7s} {'x f64':>6s} "
           f"{'max |dx0|/|x_t-x0|':>19s} {'max |dw|':>9s}")
     for r in results:
-        f64 = next(x for x in results if x["case"] == r["case"] and x["mode"] == "float64")
+        f64 = next(x for x in results if x["case"] == r["case"] and x["mode"] == "float64")  # default path
         speed = f64["ms_median"] / r["ms_median"]
         acc = f"{r['ratio_max']:19.2e} {r['w_err_max']:9.2e}" if "ratio_max" in r else f"{'-':>19s} {'-':>9s}"
-        print(f"{r['case']:10s} {r['mode']:8s} {r['refs']:8d} {r['ms_median']:8.2f} {r['ms_p10']:7.2f} "
+        print(f"{r['case']:10s} {r['mode']:13s} {r['refs']:8d} {r['ms_median']:8.2f} {r['ms_p10']:7.2f} "
               f"{r['ms_p90']:7.2f} {speed:6.2f} {acc}")
     for r in results:
         if "accuracy" in r:

@@ -217,8 +217,11 @@ class DatasetReferences(ReferenceSource):
     image counts as that image and is skipped (that also removes the quantised copy of the own image,
     and makes x-flip augmentation or a subset of the data set harmless). Unconditional: one GEMM
     [2B, d] x [d, chunk] per chunk (query x_t and own x0 share each read of the chunk). Conditional: per-row
-    windows of the class-sorted store, ``rows`` references of every row's class per step, as a batched
-    matrix-vector product; the number of steps is fixed by the largest class (no host sync).
+    windows of the class-sorted store. On CUDA (``fused=None``, when Triton imports) the float64 pass runs two
+    fused kernels (:mod:`sctlib._triton_refs`) that read each row's window of stored values once per pass and
+    accumulate in float64 in registers; otherwise ``rows`` references of every row's class per step are
+    gathered and converted, as a batched matrix-vector product; the number of steps is fixed by the largest
+    class (no host sync).
 
     ``compute`` picks the arithmetic (both give the same weights to within the bound below):
 
@@ -236,7 +239,8 @@ class DatasetReferences(ReferenceSource):
 
     def __init__(self, X: torch.Tensor, labels: Optional[torch.Tensor] = None, *, ref_size: int = 0,
                  seed: int = 0, device=None, dup_rms: float = 0.005, elements_per_chunk: int = 2**26,
-                 compute: str = "float64", topk: int = 16, split_tf32: Optional[bool] = None):
+                 compute: str = "float64", topk: int = 16, split_tf32: Optional[bool] = None,
+                 fused: Optional[bool] = None):
         if compute not in REF_COMPUTES:
             raise ValueError(f"DatasetReferences: compute must be one of {', '.join(REF_COMPUTES)}, got {compute!r}")
         if topk < 1:
@@ -246,6 +250,9 @@ class DatasetReferences(ReferenceSource):
         # TF32-exact pieces (:func:`split_tf32`): the products are those of a float32 GEMM. None = on CUDA
         # only (on a CPU the split only triples the work).
         self.split_tf32 = split_tf32
+        # Conditional float64 pass through the fused Triton kernels (sctlib._triton_refs). None = on CUDA when
+        # Triton imports; True forces them (on a CPU only under TRITON_INTERPRET=1, as the tests run them).
+        self.fused = fused
         if X.ndim < 2 or X.shape[0] < 1:
             raise ValueError(f"DatasetReferences: need images [N, ...] with N >= 1, got shape {tuple(X.shape)}")
         device = torch.device(device) if device is not None else X.device
@@ -292,6 +299,14 @@ class DatasetReferences(ReferenceSource):
     @property
     def nbytes(self) -> int:
         return self.store.numel() * self.store.element_size()
+
+    def _use_fused(self, dev: torch.device) -> bool:
+        from . import _triton_refs
+        if self.fused is None:
+            return dev.type == "cuda" and _triton_refs.AVAILABLE
+        if self.fused and not _triton_refs.AVAILABLE:
+            raise RuntimeError("DatasetReferences(fused=True) needs Triton, which is not installed")
+        return bool(self.fused)
 
     def _deq(self, R: torch.Tensor, dtype) -> torch.Tensor:
         return R.to(dtype) / 127.5 - 1.0 if self.is_uint8 else R.to(dtype)
@@ -356,6 +371,35 @@ class DatasetReferences(ReferenceSource):
                         all_logits.append(logits)
                     m, s1, s2, acc = _lse_update(m, s1, s2, acc, logits,
                                                  lambda p: (p @ U) * a + p.sum(1, keepdim=True) * b)
+            elif self._use_fused(dev):
+                # One pass of fused kernels over each row's class window (sctlib._triton_refs): the raw stored
+                # values are read once per pass and accumulated in float64 in registers; the logits of the
+                # whole window [B, max_class] are small, so the softmax is taken at once, not streamed.
+                from . import _triton_refs
+                c = _class_index(labels).to(dev)
+                lo, hi = self.offsets[c], self.offsets[c + 1]
+                n_c = hi - lo
+                N = self.max_class
+                q = torch.stack([x, o], dim=1)                            # [B, 2, d]
+                dots = _triton_refs.class_dots(q, self.store, lo, n_c, N) * a + q.sum(2, keepdim=True) * b
+                ar = torch.arange(N, device=dev)
+                valid = ar[None, :] < n_c[:, None]
+                idx = torch.where(valid, lo[:, None] + ar[None, :], lo[:, None])
+                sq = self.sq[idx]
+                logits = (dots[:, 0] - 0.5 * sq) * inv_t2[:, None]
+                dup = (o_sq[:, None] - 2 * dots[:, 1] + sq) <= self.dup_d2
+                ok = valid & ~dup
+                logits = logits.masked_fill(~ok, float("-inf"))
+                n_refs += ok.sum(1)
+                if return_weights:
+                    all_logits.append(logits)
+                m = torch.maximum(l_own, logits.max(dim=1).values)
+                p = (logits - m[:, None]).exp()
+                p_own = (l_own - m).exp()
+                s1 = p_own + p.sum(1)
+                s2 = p_own * p_own + (p * p).sum(1)
+                acc = p_own[:, None] * o + _triton_refs.class_weighted_sum(p, self.store, lo, n_c) * a \
+                    + p.sum(1, keepdim=True) * b
             else:
                 c = _class_index(labels).to(dev)
                 lo, hi = self.offsets[c], self.offsets[c + 1]

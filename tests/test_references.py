@@ -351,3 +351,79 @@ def test_mixed_float_store_never_splits_for_tf32(monkeypatch):
         den = (x_t.double() - ref.double()).norm(dim=1)
         assert float((num / den).max()) <= 1e-3, t
         assert float((sm["weights"] - sr["weights"]).abs().max()) <= 1e-4, t
+
+
+_FUSED_CHECK = r'''
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from sctlib.references import DatasetReferences
+from sctlib import _triton_refs
+assert _triton_refs.AVAILABLE
+g = torch.Generator().manual_seed(3)
+d, C = 40, 4
+sizes = [9, 23, 2, 14]                     # unequal classes: windows padded to the largest
+y = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])
+N = len(y)
+u = torch.randint(100, 156, (N, d), generator=g)
+u[5] = u[4]                                 # a stored duplicate of an image (counted once as the own image)
+u[30] = torch.clamp(u[29] + 1, max=255)     # and a near-duplicate, one uint8 level apart
+results = []
+for store_kind in ("uint8", "float"):
+    X = u.float() / 127.5 - 1 if store_kind == "uint8" else u.float() / 300.0
+    rows = torch.tensor([4, 0, 29, 32, 45, 10])
+    x0, lab = X[rows], y[rows]
+    t = torch.tensor([0.01, 0.08, 0.2, 0.5, 2.0, 10.0])
+    x_t = x0 + t[:, None] * torch.randn(len(rows), d, generator=g)
+    out = {}
+    for fused in (False, True):
+        src = DatasetReferences(X, y, elements_per_chunk=3 * d * len(rows), fused=fused)
+        assert src.is_uint8 == (store_kind == "uint8")
+        out[fused] = src(x_t, t, x0, lab, return_weights=True)
+    (a, sa), (b, sb) = out[False], out[True]
+    err = [float((a.double() - b.double()).abs().max())]
+    for k in ("ess", "own_weight", "n_refs", "weights"):
+        err.append(float((sa[k] - sb[k]).abs().max()))
+    results.append((store_kind, err, [int(v) for v in sb["n_refs"]]))
+print(repr(results))
+'''
+
+
+@pytest.mark.skipif(not __import__("sctlib._triton_refs", fromlist=["AVAILABLE"]).AVAILABLE,
+                    reason="Triton is not installed (it ships with PyTorch's CUDA builds)")
+def test_fused_class_kernels_equal_the_pytorch_float64_path_under_the_triton_interpreter():
+    """The GPU path of the class-restricted float64 pass (sctlib._triton_refs), run by Triton's CPU interpreter
+    against the PyTorch path: same x0_hat, ESS, own weight, reference counts and weights, on a uint8 and a
+    float32 store with unequal classes, a stored duplicate and a near-duplicate of an own image."""
+    import ast
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", _FUSED_CHECK, str(root)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = ast.literal_eval(res.stdout.strip().splitlines()[-1])
+    assert [r[0] for r in results] == ["uint8", "float"]
+    # Reference counts, own image once: row 4 (class 0 of 9) loses its stored self and its copy 5 -> 8; row 29
+    # (class 1 of 23) keeps its near-copy 30 on the uint8 grid (RMS 1/127.5 > dup_rms 0.005) but not on the
+    # float store, where the same step is 1/300 < 0.005 -> 23 / 22; row 32 is in the class of 2.
+    expected = {"uint8": [8, 9, 23, 2, 14, 23], "float": [8, 9, 22, 2, 14, 23]}
+    for kind, errs, n_refs in results:
+        assert max(errs) < 1e-9, (kind, errs)
+        assert n_refs == expected[kind], (kind, n_refs)
+
+
+def test_fused_path_is_chosen_on_cuda_only_and_refuses_without_triton(monkeypatch):
+    from sctlib import _triton_refs
+
+    src = DatasetReferences(torch.zeros(4, 3), torch.tensor([0, 0, 1, 1]))
+    assert src._use_fused(torch.device("cpu")) is False
+    assert src._use_fused(torch.device("cuda")) is _triton_refs.AVAILABLE
+    monkeypatch.setattr(_triton_refs, "AVAILABLE", False)
+    assert src._use_fused(torch.device("cuda")) is False
+    forced = DatasetReferences(torch.zeros(4, 3), torch.tensor([0, 0, 1, 1]), fused=True)
+    with pytest.raises(RuntimeError, match="needs Triton"):
+        forced._use_fused(torch.device("cpu"))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -308,6 +309,51 @@ class DatasetReferences(ReferenceSource):
             raise RuntimeError("DatasetReferences(fused=True) needs Triton, which is not installed")
         return bool(self.fused)
 
+    def _try_fused(self, x, o, o_sq, inv_t2, l_own, labels, a: float, b: float):
+        """The class pass through the fused kernels; on a failure of the kernels (a Triton or driver version
+        that cannot build them) a warning, the PyTorch path from then on (``fused=None``), or the error
+        (``fused=True``)."""
+        try:
+            return self._class_pass_fused(x, o, o_sq, inv_t2, l_own, labels, a, b)
+        except Exception as exc:  # noqa: BLE001 - any kernel failure falls back to the exact PyTorch path
+            if self.fused:
+                raise
+            warnings.warn(f"DatasetReferences: the fused reference kernels failed ({type(exc).__name__}: {exc}); "
+                          "using the PyTorch path", RuntimeWarning, stacklevel=3)
+            self.fused = False
+            return None
+
+    def _class_pass_fused(self, x, o, o_sq, inv_t2, l_own, labels, a: float, b: float):
+        """One pass of fused kernels over each row's class window (:mod:`sctlib._triton_refs`): the raw stored
+        values are read once per pass and accumulated in float64 in registers; the logits of the whole window
+        [B, max_class] are small, so the softmax is taken at once, not streamed. Returns (m, s1, s2, acc,
+        references counted per row, logits)."""
+        from . import _triton_refs
+
+        dev = self.store.device
+        c = _class_index(labels).to(dev)
+        lo, hi = self.offsets[c], self.offsets[c + 1]
+        n_c = hi - lo
+        N = self.max_class
+        q = torch.stack([x, o], dim=1)                                    # [B, 2, d]
+        dots = _triton_refs.class_dots(q, self.store, lo, n_c, N) * a + q.sum(2, keepdim=True) * b
+        ar = torch.arange(N, device=dev)
+        valid = ar[None, :] < n_c[:, None]
+        idx = torch.where(valid, lo[:, None] + ar[None, :], lo[:, None])
+        sq = self.sq[idx]
+        logits = (dots[:, 0] - 0.5 * sq) * inv_t2[:, None]
+        dup = (o_sq[:, None] - 2 * dots[:, 1] + sq) <= self.dup_d2        # stored copies of the own image
+        ok = valid & ~dup
+        logits = logits.masked_fill(~ok, float("-inf"))
+        m = torch.maximum(l_own, logits.max(dim=1).values)
+        p = (logits - m[:, None]).exp()
+        p_own = (l_own - m).exp()
+        s1 = p_own + p.sum(1)
+        s2 = p_own * p_own + (p * p).sum(1)
+        acc = p_own[:, None] * o + _triton_refs.class_weighted_sum(p, self.store, lo, n_c) * a \
+            + p.sum(1, keepdim=True) * b
+        return m, s1, s2, acc, ok.sum(1), logits
+
     def _deq(self, R: torch.Tensor, dtype) -> torch.Tensor:
         return R.to(dtype) / 127.5 - 1.0 if self.is_uint8 else R.to(dtype)
 
@@ -371,35 +417,11 @@ class DatasetReferences(ReferenceSource):
                         all_logits.append(logits)
                     m, s1, s2, acc = _lse_update(m, s1, s2, acc, logits,
                                                  lambda p: (p @ U) * a + p.sum(1, keepdim=True) * b)
-            elif self._use_fused(dev):
-                # One pass of fused kernels over each row's class window (sctlib._triton_refs): the raw stored
-                # values are read once per pass and accumulated in float64 in registers; the logits of the
-                # whole window [B, max_class] are small, so the softmax is taken at once, not streamed.
-                from . import _triton_refs
-                c = _class_index(labels).to(dev)
-                lo, hi = self.offsets[c], self.offsets[c + 1]
-                n_c = hi - lo
-                N = self.max_class
-                q = torch.stack([x, o], dim=1)                            # [B, 2, d]
-                dots = _triton_refs.class_dots(q, self.store, lo, n_c, N) * a + q.sum(2, keepdim=True) * b
-                ar = torch.arange(N, device=dev)
-                valid = ar[None, :] < n_c[:, None]
-                idx = torch.where(valid, lo[:, None] + ar[None, :], lo[:, None])
-                sq = self.sq[idx]
-                logits = (dots[:, 0] - 0.5 * sq) * inv_t2[:, None]
-                dup = (o_sq[:, None] - 2 * dots[:, 1] + sq) <= self.dup_d2
-                ok = valid & ~dup
-                logits = logits.masked_fill(~ok, float("-inf"))
-                n_refs += ok.sum(1)
+            elif self._use_fused(dev) and (res := self._try_fused(x, o, o_sq, inv_t2, l_own, labels, a, b)):
+                m, s1, s2, acc, n_ok, logits = res
+                n_refs += n_ok
                 if return_weights:
                     all_logits.append(logits)
-                m = torch.maximum(l_own, logits.max(dim=1).values)
-                p = (logits - m[:, None]).exp()
-                p_own = (l_own - m).exp()
-                s1 = p_own + p.sum(1)
-                s2 = p_own * p_own + (p * p).sum(1)
-                acc = p_own[:, None] * o + _triton_refs.class_weighted_sum(p, self.store, lo, n_c) * a \
-                    + p.sum(1, keepdim=True) * b
             else:
                 c = _class_index(labels).to(dev)
                 lo, hi = self.offsets[c], self.offsets[c + 1]

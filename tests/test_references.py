@@ -427,3 +427,27 @@ def test_fused_path_is_chosen_on_cuda_only_and_refuses_without_triton(monkeypatc
     forced = DatasetReferences(torch.zeros(4, 3), torch.tensor([0, 0, 1, 1]), fused=True)
     with pytest.raises(RuntimeError, match="needs Triton"):
         forced._use_fused(torch.device("cpu"))
+
+
+def test_a_failing_fused_kernel_warns_and_falls_back_to_the_pytorch_path(monkeypatch):
+    from sctlib import _triton_refs
+
+    g = torch.Generator().manual_seed(1)
+    X, y = grid_images(20, 6, g), torch.arange(20) % 2
+    x0, lab, t = X[:4], y[:4], torch.full((4,), 0.3)
+    x_t = x0 + 0.3 * torch.randn(4, 6, generator=g)
+    expected, _ = DatasetReferences(X, y, fused=False)(x_t, t, x0, lab)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel here")
+
+    monkeypatch.setattr(_triton_refs, "class_dots", broken)
+    monkeypatch.setattr(_triton_refs, "AVAILABLE", True)
+    src = DatasetReferences(X, y)                       # fused=None: the kernels are tried ...
+    monkeypatch.setattr(src, "_use_fused", lambda dev: src.fused is not False)
+    with pytest.warns(RuntimeWarning, match="fused reference kernels failed"):
+        got, _ = src(x_t, t, x0, lab)
+    assert torch.equal(got, expected) and src.fused is False   # ... and dropped after the failure
+    forced = DatasetReferences(X, y, fused=True)        # fused=True: the error surfaces
+    with pytest.raises(RuntimeError, match="no kernel here"):
+        forced(x_t, t, x0, lab)

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     meta = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.tiny else "cpu",
             "gpus": torch.cuda.device_count(), "torch": torch.__version__, "batch_gpu": args.batch_gpu,
             "ticks": args.ticks, "steps_per_tick": args.steps_per_tick, "skip_ticks": args.skip_ticks,
-            "extra": extra, "label": args.label, "data": Path(data).name, "argv": sys.argv[1:]}
+            "extra": extra, "label": args.label, "data": Path(data).name, "argv": list(sys.argv[1:] if argv is None else argv)}
     rows = []
     procs = [int(n) for n in args.nproc.split(",")]
     print(f"{'preset':<16} {'nproc':>5} {'img/s':>9} {'per GPU':>9} {'DDP eff':>8} {'spread':>7} "

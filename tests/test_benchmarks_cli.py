@@ -1,0 +1,132 @@
+"""benchmarks/cli_throughput.py in --tiny mode: small networks on the CPU, a written 256-image zip, gloo for 2 processes.
+
+The runs are real ``python -m sctlib.train`` processes (and torchrun for nproc 2); the test wraps the script's
+``run_cli`` to read each run's ``stats.jsonl`` before the script deletes its temporary folder, and checks that the
+reported rates are the ones that file records.
+"""
+import importlib.util
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_module(name):
+    path = ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _finite_positive(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _run_tiny(tmp_path, monkeypatch, capsys, presets, nprocs):
+    """main(--tiny) with the JSON written to tmp_path; returns (record, printed table, {(preset, n): stats lines})."""
+    # One OpenMP thread per training process (as tests/test_train.py does): on the 2-core machine two threads in
+    # one process at times run the tiny network ~100x slower; torchrun sets 1 for its workers itself.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    B = _bench_module("cli_throughput")
+    stats = {}
+    real_run_cli = B.run_cli
+
+    def spy(preset, data, nproc, batch_gpu, ticks, steps_per_tick, extra, run_dir, env=None):
+        res = real_run_cli(preset, data, nproc, batch_gpu, ticks, steps_per_tick, extra, run_dir, env=env)
+        stats[preset, nproc] = [json.loads(l) for l in (run_dir / "stats.jsonl").read_text().splitlines() if l.strip()]
+        return res
+
+    monkeypatch.setattr(B, "run_cli", spy)
+    out = tmp_path / "cli.json"
+    argv = ["--tiny", "--presets", ",".join(presets), "--nproc", ",".join(map(str, nprocs)), "--out", str(out)]
+    assert B.main(argv) == 0
+    assert out.is_file()
+    rec = json.loads(out.read_text())
+    assert rec["meta"]["argv"] == argv  # the arguments main was given, not the caller's sys.argv
+    return rec, capsys.readouterr().out, stats
+
+
+def _check(rec, table, stats, presets, nprocs):
+    meta, rows = rec["meta"], rec["rows"]
+    # --tiny's fixed settings
+    assert meta["device"] == "cpu" and "device=cpu" in meta["extra"]
+    batch_gpu, ticks, steps, skip = meta["batch_gpu"], meta["ticks"], meta["steps_per_tick"], meta["skip_ticks"]
+    assert (batch_gpu, ticks, steps, skip) == (8, 3, 2, 1)
+
+    # one row per requested preset and process count, in order, each from its own run
+    assert [(r["preset"], r["nproc"]) for r in rows] == [(p, n) for p in presets for n in nprocs]
+    assert set(stats) == {(p, n) for p in presets for n in nprocs}
+
+    base = {}
+    for r in rows:
+        p, n = r["preset"], r["nproc"]
+        tick_nimg = batch_gpu * n * steps
+        lines = stats[p, n]
+        assert f"--preset {p} " in r["command"] and f"batch_size={batch_gpu * n} " in r["command"]
+        assert ("torch.distributed.run" in r["command"] and f"--nproc_per_node={n}" in r["command"]) == (n > 1)
+        # the run trained the requested ticks, and the rates are stats.jsonl's own img_per_s, tick by tick
+        assert [l["nimg"] for l in lines] == [tick_nimg * (i + 1) for i in range(ticks)]
+        assert r["tick_rates"] == [l["img_per_s"] for l in lines]
+        assert all(_finite_positive(x) for x in r["tick_rates"])
+        # each tick's rate is consistent with the wall clock stats.jsonl records: a tick runs between two lines
+        for prev, cur in zip(lines, lines[1:]):
+            assert tick_nimg / cur["img_per_s"] <= cur["time"] - prev["time"] + 1e-3
+        assert sum(tick_nimg / x for x in r["tick_rates"]) <= r["wall_s"]
+        # the reported rate: median after the skipped (start-up / compile) ticks, in images per second
+        assert _finite_positive(r["img_per_s"])
+        assert r["img_per_s"] == pytest.approx(statistics.median(r["tick_rates"][skip:]), rel=1e-12)
+        assert r["spread"] == pytest.approx((max(r["tick_rates"][skip:]) - min(r["tick_rates"][skip:]))
+                                            / r["img_per_s"], rel=1e-9, abs=1e-12)
+        # the first tick (compile warm-up) reported apart, as its wall time
+        assert _finite_positive(r["first_tick_s"])
+        assert r["first_tick_s"] == pytest.approx(tick_nimg / r["tick_rates"][0], rel=1e-12)
+        assert r["first_tick_s"] <= r["wall_s"]
+        assert r["precision"] == lines[-1]["precision"] == "fp32"
+        assert r["peak_mem_gib"] == 0.0  # not recorded on the CPU
+        if n == 1:
+            base[p] = r["img_per_s"]
+            assert r["ddp_efficiency"] is None
+        else:
+            assert _finite_positive(r["ddp_efficiency"])
+            assert r["ddp_efficiency"] == pytest.approx(r["img_per_s"] / (n * base[p]), rel=1e-12)
+
+    # the printed table: a header, then one line per row with its preset, nproc and rate
+    lines = [l for l in table.splitlines() if l.strip()]
+    assert lines[0].split()[:3] == ["preset", "nproc", "img/s"]
+    assert len(lines) == 1 + len(rows)
+    for line, r in zip(lines[1:], rows):
+        assert line.split()[:3] == [r["preset"], str(r["nproc"]), f"{r['img_per_s']:.1f}"]
+    for p in presets:
+        assert p in table
+
+
+def test_cli_throughput_tiny_one_process(tmp_path, monkeypatch, capsys):
+    """Both default presets (ECT and SCT, which builds references from the dataset), one process each."""
+    presets, nprocs = ["cifar10-ect", "cifar10-sct"], [1]
+    _check(*_run_tiny(tmp_path, monkeypatch, capsys, presets, nprocs), presets, nprocs)
+
+
+def test_cli_throughput_tiny_ddp(tmp_path, monkeypatch, capsys):
+    """nproc 1 and 2 (torchrun, gloo): the 2-process row's rate and its DDP efficiency against the 1-process row."""
+    presets, nprocs = ["cifar10-ect"], [1, 2]
+    _check(*_run_tiny(tmp_path, monkeypatch, capsys, presets, nprocs), presets, nprocs)
+
+
+def test_summarise_skips_start_up_ticks():
+    B = _bench_module("cli_throughput")
+    res = {"rates": [10.0, 40.0, 20.0, 30.0], "peak_mem_gib": 0.0, "precision": "fp32", "wall_s": 9.0, "command": "c"}
+    s = B.summarise(res, 1, 16)
+    assert s["img_per_s"] == 30.0 and s["tick_rates"] == res["rates"]
+    assert s["first_tick_s"] == pytest.approx(1.6) and s["spread"] == pytest.approx(20.0 / 30.0)
+    with pytest.raises(ValueError, match="raise --ticks"):
+        B.summarise(res, 4, 16)
+
+
+def test_missing_data_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="no such EDM-format zip"):
+        _bench_module("cli_throughput").main(["--data", str(tmp_path / "absent.zip")])

@@ -218,8 +218,9 @@ recs, partial = {}, {}
 for d in sorted(p for p in runs.iterdir() if p.is_dir()):
     if (d / "results.json").exists():
         recs[d.name] = json.loads((d / "results.json").read_text())
-    elif (d / "evals.jsonl").exists():  # a run stopped by the time box: keep the evaluations it made
-        partial[d.name] = [json.loads(l) for l in (d / "evals.jsonl").read_text().splitlines() if l.strip()]
+    elif (d / "evals.jsonl").exists():  # a run stopped by the time box: keep its evaluations and tick statistics
+        rows = lambda f: [json.loads(l) for l in (d / f).read_text().splitlines() if l.strip()] if (d / f).exists() else []
+        partial[d.name] = {"curve": rows("evals.jsonl"), "stats": rows("stats.jsonl")}
 (out / "natural32_runs.json").write_text(json.dumps({"complete": recs, "partial": partial}))
 print(f"{len(recs)} complete: {', '.join(recs)}; {len(partial)} partial: {', '.join(partial)}")
 PY

@@ -11,6 +11,12 @@
 #
 #   source experiments/gpu_env.sh && bash experiments/one_call.sh
 #
+# The session's other call, the speed benchmarks on the idle GPU (~6 min; the tarball stays under the 8-file
+# limit of what comes back):
+#
+#   source experiments/gpu_env.sh && bash experiments/gpu_bench.sh exclusive; bash experiments/gpu_bench.sh sample; \
+#     tar -C "$WORK" -czf "$OUT/bench.tgz" runs
+#
 # Environment: DEADLINE (seconds for natural32.sh all, default 540), REF_COST (1: time the reference pass first),
 # and natural32.sh's own variables (defaults below: teacher 150 s, runs of 24,000 images, 3,000 per stage).
 # The 2026-11-29 session ran REF_COST=1 DEADLINE=450 TEACHER_SECONDS=110: the final evaluations were cut.

@@ -456,19 +456,23 @@ _EVIDENCE_GROUPS: Dict[str, Callable[[str], Optional[str]]] = {
 def partial_runs(partial: Dict[str, List[dict]]) -> Dict[str, dict]:
     """Runs stopped before their end, as run records :func:`evidence_records` accepts.
 
-    ``partial``: ``{run name: [evaluation rows of its evals.jsonl]}`` (what ``experiments/natural32.sh collect``
-    keeps of a run cut by a time limit). Each becomes ``{'results': {'seed', 'curve', 'stats': [], 'partial':
-    True}}`` with the seed from the name's ``-s<seed>`` suffix; a run with no evaluation is left out.
+    ``partial``: ``{run name: {'curve': evaluation rows of its evals.jsonl, 'stats': lines of its stats.jsonl}}``
+    (what ``experiments/natural32.sh collect`` keeps of a run cut by a time limit; a bare list is the curve
+    alone, as older collects wrote it). Each becomes ``{'results': {'seed', 'curve', 'stats', 'partial':
+    True}}`` (stats reduced to :data:`STATS_KEYS`) with the seed from the name's ``-s<seed>`` suffix; a run
+    with no evaluation is left out.
     Seeds of one group must then share their eval points (:func:`aggregate_arms` checks), so a group whose
     runs were cut at different points is refused rather than averaged over unequal lengths.
     """
     out: Dict[str, dict] = {}
-    for name, evals in sorted(partial.items()):
+    for name, evals in sorted(partial.items()):  # evals: {'curve', 'stats'} or the curve alone
         head, sep, seed = name.rpartition("-s")
         if not sep or not seed.isdigit():
             raise ValueError(f"partial run {name!r}: the name does not end in -s<seed>")
-        if evals:
-            out[name] = {"results": {"seed": int(seed), "curve": list(evals), "stats": [], "partial": True}}
+        rec = evals if isinstance(evals, dict) else {"curve": evals, "stats": []}
+        stats = [{k: line[k] for k in STATS_KEYS if k in line} for line in rec.get("stats") or []]
+        if rec.get("curve"):
+            out[name] = {"results": {"seed": int(seed), "curve": list(rec["curve"]), "stats": stats, "partial": True}}
     return out
 
 

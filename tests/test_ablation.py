@@ -226,14 +226,20 @@ def test_evidence_records_group_runs_by_name_and_average_over_seeds():
 def test_partial_runs_become_records_of_their_evaluations_so_far():
     ev = lambda n, f1, f2: {"eval_point": n, "nimg": n + 32, "fid_1step": f1, "fid_2step": f2, "grad_var_trace": 1.0}
     partial = {"prec-bf16-s0": [ev(12, 250.0, 190.0)], "prec-bf16-s1": [ev(12, 254.0, 194.0)],
-               "prec-tf32-s2": [ev(12, 240.0, 180.0)], "prec-fp16-s0": []}
+               "prec-tf32-s2": [ev(12, 240.0, 180.0)], "prec-fp16-s0": [],
+               "prec-fp16-s1": {"curve": [ev(12, 251.0, 191.0)],   # the newer form, with the tick statistics
+                                "stats": [{"nimg": 8, "fp16_skipped_steps": 3, "not_a_stat": 1},
+                                          {"nimg": 16, "fp16_skipped_steps": 1}]}}
     runs = A.partial_runs(partial)
-    assert sorted(runs) == ["prec-bf16-s0", "prec-bf16-s1", "prec-tf32-s2"]  # no evaluation: left out
+    assert sorted(runs) == ["prec-bf16-s0", "prec-bf16-s1", "prec-fp16-s1", "prec-tf32-s2"]  # no evaluation: out
+    assert runs["prec-fp16-s1"]["results"]["stats"][0] == {"nimg": 8, "fp16_skipped_steps": 3}
     assert runs["prec-tf32-s2"]["results"]["seed"] == 2 and runs["prec-tf32-s2"]["results"]["partial"] is True
     rec = A.evidence_records(runs, prefix="p", command="c", setting="cut")
     rows = {r["arm"]: r for r in rec["p_precision"]["results"]["rows"]}
     assert rows["bf16"]["fid_1step_mean"] == 252.0 and abs(rows["bf16"]["fid_2step_sd"] - 8 ** 0.5) < 1e-12
     assert rows["bf16"]["nimg"] == 12 and rows["tf32"]["n_seeds"] == 1
+    diag = {d["group"]: d for d in rec["p_precision"]["results"]["diagnostics"]}
+    assert diag["fp16"]["fp16_skipped_steps_mean"] == 4.0  # summed over the ticks the cut run logged
     # seeds cut at different points are refused, not averaged
     partial["prec-bf16-s1"].append(ev(24, 200.0, 150.0))
     with pytest.raises(ValueError, match="different points"):

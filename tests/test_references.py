@@ -451,3 +451,41 @@ def test_a_failing_fused_kernel_warns_and_falls_back_to_the_pytorch_path(monkeyp
     forced = DatasetReferences(X, y, fused=True)        # fused=True: the error surfaces
     with pytest.raises(RuntimeError, match="no kernel here"):
         forced(x_t, t, x0, lab)
+
+
+@pytest.mark.skipif(not __import__("sctlib._triton_refs", fromlist=["AVAILABLE"]).AVAILABLE,
+                    reason="Triton is not installed (it ships with PyTorch's CUDA builds)")
+def test_fused_kernels_compile_for_hopper_without_spilling():
+    """The kernels as the GPU will build them (Triton's compiler down to a cubin for sm_90, no GPU needed), at
+    the wrappers' default tiles: they compile, and ptxas reports no register spills (a spilling float64 tile
+    would make the pass slow, not wrong, so the interpreter test cannot see it)."""
+    import inspect
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sctlib import _triton_refs as K
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("this Triton build ships no ptxas")
+    for fn, wrapper, first in ((K._class_dots_kernel, K.class_dots, "q_ptr"),
+                               (K._class_wsum_kernel, K.class_weighted_sum, "p_ptr")):
+        defaults = {k: v.default for k, v in inspect.signature(wrapper).parameters.items()
+                    if v.default is not inspect.Parameter.empty}
+        sig = {first: "*fp64", "store_ptr": "*u8", "lo_ptr": "*i64", "n_ptr": "*i64", "out_ptr": "*fp64",
+               "d": "i32", "max_n": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+        src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK_N": defaults["block_n"], "BLOCK_K": defaults["block_k"]})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": defaults["num_warps"]})
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.ptx")
+            with open(path, "w") as fh:
+                fh.write(kernel.asm["ptx"])
+            res = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", path, "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "0 bytes spill stores" in res.stderr, res.stderr

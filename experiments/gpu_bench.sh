@@ -4,6 +4,8 @@
 #
 #   bash experiments/gpu_bench.sh exclusive   # one idle GPU: reference-pass cost, SCT reference rows of the
 #                                             # training step (bf16 and TF32)
+#   bash experiments/gpu_bench.sh fused       # one idle GPU: the ImageNet-64 class reference pass (fused kernels
+#                                             # vs PyTorch) alone and inside the EDM2-S step (~4 min)
 #   bash experiments/gpu_bench.sh sample      # one idle GPU: 1-step sampling rate for FID-50k
 #   bash experiments/gpu_bench.sh compile     # one idle GPU: the CLI with compile and channels-last
 #   bash experiments/gpu_bench.sh ddp         # every GPU of the host, nothing else running: the CLI on 1 and 2
@@ -24,7 +26,7 @@ b() {  # b NAME SECONDS CMD...: run one benchmark, its table to NAME.txt, exit s
   local rc=$?  # before any $(...) in the message: a command substitution resets $?
   echo "$(date +%T) bench $name: exit $rc"
 }
-case "${1:?stage: exclusive | sample | ddp | compile}" in
+case "${1:?stage: exclusive | fused | sample | ddp | compile}" in
 exclusive)
   nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv > "$RES/bench_gpu_state.txt" 2>&1
   # Issue 13: the reference pass alone (CIFAR-10 50,000 references; ImageNet-64 per class), float64 vs mixed.
@@ -38,9 +40,17 @@ exclusive)
   b bench_throughput_in64 240 $PY benchmarks/train_throughput.py --nets imagenet64-s --variants bf16 \
       --refs batch,dataset-class-f64,dataset-class --steps 6 --rounds 4 --warmup 4 --out "$RES/bench_throughput_in64.json"
   ;;
+fused)
+  nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv > "$RES/bench_gpu_state.txt" 2>&1
+  # Issue 13's last point: the class-restricted float64 pass through the fused Triton kernels, alone (against the
+  # PyTorch float64 path and the mixed path) and inside the EDM2-S training step next to ECT.
+  b bench_reference_cost 90 $PY benchmarks/reference_cost.py --calls 20 --out "$RES/bench_reference_cost.json"
+  b bench_throughput_in64 230 $PY benchmarks/train_throughput.py --nets imagenet64-s --variants bf16 \
+      --refs batch,dataset-class-f64,dataset-class --steps 6 --rounds 4 --warmup 4 --out "$RES/bench_throughput_in64.json"
+  ;;
 sample)
   # Issue 12: 1-step sampling rate for FID-50k, both networks, with the Inception features.
-  b bench_sample_throughput 180 $PY benchmarks/sample_throughput.py --nets cifar10,imagenet64-s --formats bf16,tf32 \
+  b bench_sample_throughput ${SAMPLE_SECONDS:-180} $PY benchmarks/sample_throughput.py --nets cifar10,imagenet64-s --formats bf16,tf32 \
       --features --out "$RES/bench_sample_throughput.json"
   ;;
 ddp)

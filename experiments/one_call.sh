@@ -5,9 +5,9 @@
 # teacher, 4 formats x 3 seeds, SCT to stage exponent 8), cut at DEADLINE seconds, then packed into $OUT
 # (natural32.sh pack).
 #
-# Timings measured on one H200 (2026-11-29): setup 61 s; teacher TEACHER_SECONDS + 18 s for its FID; the
+# Timings measured on one H200 (2026-11-29): setup 61 s; teacher TEACHER_SECONDS + 28 s (its FID and checkpoints); the
 # 12 runs in parallel ~130 s of training for 24,000 images each plus ~65 s per evaluation point (FID-5k at
-# 1 and 2 steps, 12 at once). With the defaults: ~10 + 61 + 168 + 130 + 2 x 65 = ~500 s.
+# 1 and 2 steps, 12 at once). With the defaults: ~10 + 61 + 178 + 130 + 2 x 65 = ~510 s.
 #
 #   source experiments/gpu_env.sh && bash experiments/one_call.sh
 #

@@ -315,6 +315,8 @@ class DatasetReferences(ReferenceSource):
         (``fused=True``)."""
         try:
             return self._class_pass_fused(x, o, o_sq, inv_t2, l_own, labels, a, b)
+        except torch.OutOfMemoryError:
+            raise  # a memory error is the caller's to see, not a kernel that failed to build
         except Exception as exc:  # noqa: BLE001 - any kernel failure falls back to the exact PyTorch path
             if self.fused:
                 raise

@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prefix", default="natural32")
     ap.add_argument("--dest", default="book/results")
     ap.add_argument("--setting", default="", help="the sizes of the experiment, in words (stored in each record)")
+    ap.add_argument("--command", default=COMMAND, help="how the runs were made (stored in each record)")
     ap.add_argument("--partial", action="store_true",
                     help="also use runs stopped before their end (their evaluations so far; say so in --setting)")
     args = ap.parse_args(argv)
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     def opt(name):
         hits = sorted(src.rglob(name))
         return json.loads(hits[0].read_text()) if hits else None
-    recs = sct.ablation.evidence_records(runs, prefix=args.prefix, command=COMMAND, setting=args.setting,
+    recs = sct.ablation.evidence_records(runs, prefix=args.prefix, command=args.command, setting=args.setting,
                                          guidance=opt("guidance_abl-sct-s0.json"),
                                          teacher=opt("natural32_teacher_fid.json"))
     dest.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,8 @@ from torch import nn
 
 __all__ = ["ARMS", "ARM_OVERRIDES", "SMOKE_OVERRIDES", "smoke_params", "arm_overrides", "supported_overrides", "gradient_variance",
            "run_arm", "aggregate_arms", "plot_fid_curves", "STATS_KEYS", "load_run_model", "teacher_record",
-           "guidance_record", "regroup", "final_diagnostics", "evidence_records", "plot_guidance", "DIAG_KEYS"]
+           "guidance_record", "regroup", "final_diagnostics", "evidence_records", "plot_guidance", "DIAG_KEYS",
+           "partial_runs", "paired_differences"]
 
 ARMS: Tuple[str, ...] = ("ect", "ect_target", "ect_smooth", "sct")
 ARM_OVERRIDES: Dict[str, Tuple[str, ...]] = {
@@ -471,9 +472,52 @@ def partial_runs(partial: Dict[str, List[dict]]) -> Dict[str, dict]:
             raise ValueError(f"partial run {name!r}: the name does not end in -s<seed>")
         rec = evals if isinstance(evals, dict) else {"curve": evals, "stats": []}
         stats = [{k: line[k] for k in STATS_KEYS if k in line} for line in rec.get("stats") or []]
-        if rec.get("curve"):
-            out[name] = {"results": {"seed": int(seed), "curve": list(rec["curve"]), "stats": stats, "partial": True}}
+        # As run_arm reads evals.jsonl: only evaluation rows (other lines, e.g. a guidance sweep, carry no
+        # eval_point), in the order of their eval point.
+        curve = sorted((r for r in rec.get("curve") or [] if "eval_point" in r), key=lambda r: r["eval_point"])
+        if curve:
+            out[name] = {"results": {"seed": int(seed), "curve": curve, "stats": stats, "partial": True}}
     return out
+
+
+def paired_differences(record: dict, *, baseline: str, eval_point: Optional[int] = None,
+                       keys: Sequence[str] = ("fid_1step", "fid_2step")) -> List[dict]:
+    """Per group, the difference to ``baseline`` of runs with the same seed (same teacher, images and noise
+    draws), at one evaluation point (default: the last one every run reached).
+
+    ``record``: what :func:`evidence_records` wrote (its ``results.curves``). Pairing by seed removes the
+    spread that all formats share (the seed's data order and noise draws), so a difference smaller than
+    the groups' standard deviation can still be consistent in sign. Returns one row per group other than the
+    baseline: ``{'group', 'eval_point', 'seeds', '<key>_diffs', '<key>_mean_diff', '<key>_same_sign'}``
+    (``same_sign``: every seed's difference has the sign of the mean).
+    """
+    curves = record["results"]["curves"]
+    by: Dict[str, Dict[int, Dict[int, dict]]] = {}
+    for c in curves:
+        by.setdefault(c["group"], {})[int(c["seed"])] = {int(e["eval_point"]): e for e in c["curve"]}
+    if baseline not in by:
+        raise ValueError(f"paired_differences: no group {baseline!r} in the record (groups: {sorted(by)})")
+    if eval_point is None:
+        common = set.intersection(*(set(pts) for g in by.values() for pts in g.values()))
+        if not common:
+            raise ValueError("paired_differences: the runs share no evaluation point")
+        eval_point = max(common)
+    rows = []
+    for group, seeds in sorted(by.items()):
+        if group == baseline:
+            continue
+        paired = sorted(s for s in seeds if s in by[baseline] and eval_point in seeds[s]
+                        and eval_point in by[baseline][s])
+        if not paired:
+            raise ValueError(f"paired_differences: {group!r} shares no seed with {baseline!r} at {eval_point}")
+        row: Dict[str, object] = {"group": group, "eval_point": eval_point, "seeds": paired}
+        for k in keys:
+            d = [float(seeds[s][eval_point][k]) - float(by[baseline][s][eval_point][k]) for s in paired]
+            m = float(np.mean(d))
+            row[f"{k}_diffs"], row[f"{k}_mean_diff"] = d, m
+            row[f"{k}_same_sign"] = bool(all(np.sign(x) == np.sign(m) and x != 0 for x in d))
+        rows.append(row)
+    return rows
 
 
 def evidence_records(runs: Dict[str, dict], *, prefix: str, command: str, setting: str,

@@ -246,3 +246,30 @@ def test_partial_runs_become_records_of_their_evaluations_so_far():
         A.evidence_records(A.partial_runs(partial), prefix="p", command="c", setting="cut")
     with pytest.raises(ValueError, match="-s<seed>"):
         A.partial_runs({"prec-bf16": [ev(12, 1.0, 1.0)]})
+
+
+def test_partial_runs_keep_only_evaluation_rows_in_order():
+    ev = lambda n, f1: {"eval_point": n, "nimg": n + 32, "fid_1step": f1, "fid_2step": f1 - 50, "grad_var_trace": 1.0}
+    runs = A.partial_runs({"prec-bf16-s0": [ev(24, 200.0), {"guidance_w": 1.5, "fid_1step": 3.0}, ev(12, 250.0)],
+                           "prec-bf16-s1": [{"guidance_w": 1.5, "fid_1step": 3.0}]})  # no evaluation row: out
+    assert list(runs) == ["prec-bf16-s0"]
+    assert [c["eval_point"] for c in runs["prec-bf16-s0"]["results"]["curve"]] == [12, 24]
+
+
+def test_paired_differences_pair_seeds_at_the_last_common_point():
+    def run(group, seed, f1_by_point):
+        return {"run": f"prec-{group}-s{seed}", "group": group, "seed": seed,
+                "curve": [{"eval_point": n, "fid_1step": f, "fid_2step": f / 2} for n, f in f1_by_point.items()]}
+    curves = [run("bf16", 0, {12: 250.0, 24: 233.0}), run("bf16", 1, {12: 251.0, 24: 230.0}),
+              run("tf32", 1, {12: 250.0, 24: 229.5}), run("tf32", 0, {12: 249.0, 24: 231.0}),
+              run("fp16", 0, {12: 252.0, 24: 234.0}), run("fp16", 1, {12: 250.0, 24: 229.0})]
+    rows = {r["group"]: r for r in A.paired_differences({"results": {"curves": curves}}, baseline="bf16")}
+    assert sorted(rows) == ["fp16", "tf32"] and rows["tf32"]["eval_point"] == 24
+    assert rows["tf32"]["seeds"] == [0, 1] and rows["tf32"]["fid_1step_diffs"] == [-2.0, -0.5]  # by seed, not by order
+    assert rows["tf32"]["fid_1step_mean_diff"] == -1.25 and rows["tf32"]["fid_1step_same_sign"] is True
+    assert rows["tf32"]["fid_2step_diffs"] == [-1.0, -0.25]
+    assert rows["fp16"]["fid_1step_diffs"] == [1.0, -1.0] and rows["fp16"]["fid_1step_same_sign"] is False
+    at12 = {r["group"]: r for r in A.paired_differences({"results": {"curves": curves}}, baseline="bf16", eval_point=12)}
+    assert at12["tf32"]["fid_1step_diffs"] == [-1.0, -1.0]
+    with pytest.raises(ValueError, match="no group"):
+        A.paired_differences({"results": {"curves": curves}}, baseline="fp32")

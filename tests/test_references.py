@@ -360,8 +360,8 @@ from sctlib.references import DatasetReferences
 from sctlib import _triton_refs
 assert _triton_refs.AVAILABLE
 g = torch.Generator().manual_seed(3)
-d, C = 40, 4
-sizes = [9, 23, 2, 14]                     # unequal classes: windows padded to the largest
+d, C = 150, 4                               # 150 = 2 x 64 + 22: several K blocks of the kernels, the last partial
+sizes = [9, 23, 2, 14]                     # unequal classes: windows padded to the largest (23 > one 16-row block)
 y = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])
 N = len(y)
 u = torch.randint(100, 156, (N, d), generator=g)
@@ -371,9 +371,9 @@ results = []
 for store_kind in ("uint8", "float"):
     X = u.float() / 127.5 - 1 if store_kind == "uint8" else u.float() / 300.0
     rows = torch.tensor([4, 0, 29, 32, 45, 10])
-    x0, lab = X[rows], y[rows]
-    t = torch.tensor([0.01, 0.08, 0.2, 0.5, 2.0, 10.0])
-    x_t = x0 + t[:, None] * torch.randn(len(rows), d, generator=g)
+    x0, lab = X[rows].double(), y[rows]         # float64 queries: x0_hat comes back in float64, so the
+    t = torch.tensor([0.01, 0.08, 0.2, 0.5, 2.0, 10.0], dtype=torch.float64)  # 1e-9 bound is not float32 rounding
+    x_t = x0 + t[:, None] * torch.randn(len(rows), d, generator=g, dtype=torch.float64)
     out = {}
     for fused in (False, True):
         src = DatasetReferences(X, y, elements_per_chunk=3 * d * len(rows), fused=fused)
@@ -383,7 +383,7 @@ for store_kind in ("uint8", "float"):
     err = [float((a.double() - b.double()).abs().max())]
     for k in ("ess", "own_weight", "n_refs", "weights"):
         err.append(float((sa[k] - sb[k]).abs().max()))
-    results.append((store_kind, err, [int(v) for v in sb["n_refs"]]))
+    results.append((store_kind, err, [int(v) for v in sb["n_refs"]], str(b.dtype)))
 print(repr(results))
 '''
 
@@ -411,8 +411,8 @@ def test_fused_class_kernels_equal_the_pytorch_float64_path_under_the_triton_int
     # (class 1 of 23) keeps its near-copy 30 on the uint8 grid (RMS 1/127.5 > dup_rms 0.005) but not on the
     # float store, where the same step is 1/300 < 0.005 -> 23 / 22; row 32 is in the class of 2.
     expected = {"uint8": [8, 9, 23, 2, 14, 23], "float": [8, 9, 22, 2, 14, 23]}
-    for kind, errs, n_refs in results:
-        assert max(errs) < 1e-9, (kind, errs)
+    for kind, errs, n_refs, dtype in results:
+        assert dtype == "torch.float64" and max(errs) < 1e-9, (kind, errs, dtype)
         assert n_refs == expected[kind], (kind, n_refs)
 
 
@@ -458,7 +458,10 @@ def test_a_failing_fused_kernel_warns_and_falls_back_to_the_pytorch_path(monkeyp
 def test_fused_kernels_compile_for_hopper_without_spilling():
     """The kernels as the GPU will build them (Triton's compiler down to a cubin for sm_90, no GPU needed), at
     the wrappers' default tiles: they compile, and ptxas reports no register spills (a spilling float64 tile
-    would make the pass slow, not wrong, so the interpreter test cannot see it)."""
+    would make the pass slow, not wrong, so the interpreter test cannot see it). Compiled without the
+    divisibility-by-16 specialisation of pointer and size arguments that a launch may add, which changes
+    vectorisation, not the register tiles checked here; the GPU timing (benchmarks/reference_cost.py) covers
+    the launched build."""
     import inspect
     import os
     import subprocess

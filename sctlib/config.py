@@ -141,7 +141,7 @@ class TrainConfig:
     device: str = "auto"                       # 'auto' | 'cpu' | 'cuda'
     # 'auto' (bf16 on CUDA, fp32 on CPU) | 'fp32' (TF32 off) | 'tf32' | 'bf16' | 'fp16' (autocast + GradScaler)
     # | a switch by stage exponent a, e.g. 'bf16,tf32@stage>=6' (syntax and rationale: sctlib/precision.py).
-    # 'auto' keeps the behaviour from before the precision benchmark; the choice per preset awaits its GPU numbers.
+    # 'auto' is bf16 on CUDA; the paper-scale presets use a switch measured by the precision benchmark (below).
     precision: str = "auto"
     tf32: bool = True                          # TF32 for the float32 ops left alone under bf16/fp16 autocast (CUDA)
     cudnn_benchmark: bool = True               # let cuDNN pick the fastest conv algorithms (ECT's --bench)
@@ -254,23 +254,29 @@ PRESETS: dict = {
                                     **{**_CIFAR, "cond": True, "init": "edm-cifar10-32x32-cond-vp.pkl"}),
     **{f"imagenet64-{s}-{task}": _img64(s, task) for s in _IMG64_SIZES for task in ("ect", "sct")},
 }
-# Precision of the paper-scale presets (issue 8; benchmarks/precision.py, H200, DDPM++ 55.7M, float64 reference,
-# benchmarks/results/precision_h200_cifar10.json): the cosine of the whole ECT gradient of a fixed batch against
-# float64 is >= 0.986 in bf16 up to stage a = 3 but 0.964 / 0.891 / 0.84 / 0.77 / 0.63 / 0.45 at a = 4 .. 9, and
-# the relative error of D(x_t) - D(x_r) grows past 1 from a = 4; with TF32 the cosine stays >= 0.988 up to a = 9
-# (fp16 + scaler: 0.998 at a = 5, 0.82 at a = 9). So bf16 while Delta t / t >= 2^-3 n(t), then TF32:
-# CIFAR-10 (q = 2) switches at a = 4; ImageNet-64 (q = 4, Delta t / t = 4^-a n(t)) at a = 2, the same Delta t
-# (carried over from the DDPM++ measurement: the EDM2-S run of the benchmark did not finish in the GPU time).
-# On a CPU 'auto' is fp32 throughout. Matched tuning runs (SCT, natural-image set at 32x32, one H200, 3 seeds per
-# format, experiments/results/natural32prec_2026-11-29/) exist only up to a = 4, cut by the GPU time: there
-# bf16, fp16 + scaler, TF32 and this rule give the same FID-5k within one sd over seeds (1 step 256.2-256.8,
-# sd 0.9-1.3). They neither confirm nor refute the switch, which the benchmark places at a = 4; the rule
-# stays until runs to a = 8 report. Speed of the CIFAR-10 rule over its schedule, eager, idle H200:
-# 650 img/s against 694 in bf16 throughout (-6%; benchmarks/results/h200_throughput_cifar10_refs_bf16_tf32.json).
-for _name in [n for n in PRESETS if n.startswith("cifar10-")]:
-    PRESETS[_name] = replace(PRESETS[_name], precision="auto,tf32@stage>=4")
-for _name in [n for n in PRESETS if n.startswith("imagenet64-")]:
-    PRESETS[_name] = replace(PRESETS[_name], precision="auto,tf32@stage>=2")
+# Precision of the paper-scale presets (issue 8). Rule: bf16 while its rounding error is smaller than the signal
+# the consistency loss trains on, TF32 from the first stage a where the worst-t relative error of
+# D(x_t, t) - D(x_r, r) in bf16 against float64 exceeds 1 (sctlib.precision.switch_stage; tests/test_precision.py
+# recomputes A from the committed records). benchmarks/precision.py on one H200, trained weights:
+# - DDPM++ 55.7M (benchmarks/results/precision_h200_cifar10.json): bf16 error 0.49 at a = 3, 1.18 at a = 4 -> A = 4.
+#   The whole ECT gradient's cosine against float64 agrees: >= 0.986 in bf16 up to a = 3, then 0.964 / 0.891 /
+#   0.84 / 0.77 / 0.63 / 0.45 at a = 4 .. 9; TF32 >= 0.988 throughout; fp16 + scaler 0.998 at a = 5, 0.82 at a = 9.
+# - EDM2-S (benchmarks/results/precision_h200_edm2s.json; q = 4, Delta t / t = 4^-a n(t)): bf16 error 0.87 at
+#   a = 3, 3.15 at a = 4 -> A = 4. Its whole-gradient cosine stays >= 0.99996 in every format up to a = 5, but
+#   that teacher had seen only 30,000 images, so the difference measure, on which both networks agree, decides.
+#   (Until 2026-11-29 ImageNet-64 switched at a = 2, the DDPM++ Delta t carried over; the EDM2-S error puts it
+#   at 4, which trains the ECT schedule 75% in bf16 instead of 25%: 249 vs 195 img/s eager, schedule_mix.)
+# Matched tuning runs (SCT, natural-image set at 32x32, one H200, 3 seeds per format, same teacher, images and
+# seeds, to a = 8: experiments/results/natural32prec_2026-11-29_a8/, book/results/natural32prec_precision.json):
+# FID-5k at 1 step 230.4-231.6 for bf16, fp16 + scaler, TF32 and this rule (sd 0.4-1.9); at 2 steps TF32 and the
+# rule beat bf16 throughout in every seed (paired differences -0.4 to -2.2, means -1.1 and -1.3); fp16 skipped
+# 9 of 188 steps per run. So the switch is kept, and fp16 is not a default. Cost of the CIFAR-10 rule over its
+# schedule, eager, idle H200: 650 img/s against 694 in bf16 throughout (-6%;
+# benchmarks/results/h200_throughput_cifar10_refs_bf16_tf32.json). On a CPU 'auto' is fp32 throughout.
+PRECISION_SWITCH_STAGE = {"cifar10": 4.0, "imagenet64": 4.0}
+for _name in [n for n in PRESETS if n.startswith(("cifar10-", "imagenet64-"))]:
+    PRESETS[_name] = replace(PRESETS[_name],
+                             precision=f"auto,tf32@stage>={PRECISION_SWITCH_STAGE[_name.split('-')[0]]:g}")
 for _name in [n for n in PRESETS if n.startswith("imagenet64-") and n.endswith("-sct")]:
     # ImageNet-64 SCT: references from the sample's own class in the whole training set (~1,281 images
     # per class, 15.7 GB of uint8 per GPU). The previous 'all' (global batch of 128 over 1,000 classes)

@@ -331,3 +331,38 @@ def test_sample_throughput_benchmark_reports_every_rate(tmp_path, random_incepti
         assert r["generate_features_img_per_s"] < 1.5 * r["generate_img_per_s"]
         assert r["fid50k_minutes"] == pytest.approx(50_000 / r["generate_features_img_per_s"] / 60)
     assert "FID-50k min" in capsys.readouterr().out
+
+
+def test_switch_stage_is_the_first_stage_whose_error_exceeds_the_signal():
+    from sctlib.precision import switch_stage
+
+    assert switch_stage({1: 0.05, 2: 0.2, 3: 0.87, 4: 3.1, 5: 11.0}) == 4.0
+    assert switch_stage({3: 1.5, 1: 0.1, 2: 2.0}) == 2.0          # order of the keys does not matter
+    assert switch_stage({1: 0.1, 2: 0.5}) is None                 # never swamped: no switch
+    assert switch_stage({1: 0.1, 2: 0.5}, threshold=0.3) == 2.0
+
+
+@pytest.mark.parametrize("family, record, net", [("cifar10", "precision_h200_cifar10.json", "cifar10"),
+                                                 ("imagenet64", "precision_h200_edm2s.json", "imagenet64-s")])
+def test_presets_switch_where_the_committed_precision_benchmark_says(family, record, net):
+    """The presets' precision rule is recomputed from the committed GPU record of benchmarks/precision.py: bf16
+    until the worst-t relative error of D(x_t) - D(x_r) passes 1, TF32 from there. A preset edited without new
+    evidence (or a record replaced without updating the presets) fails here."""
+    import json
+    import math
+    from pathlib import Path
+
+    from sctlib.config import PRECISION_SWITCH_STAGE, PRESETS
+    from sctlib.precision import switch_stage
+
+    rec = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / record).read_text())
+    res = rec["nets"][net]
+    worst = {a: max(e for e in per_t if e is not None and math.isfinite(e))
+             for a, per_t in zip(res["stages"], res["diff"]["rel_error"]["bf16"])}
+    A = switch_stage(worst)
+    assert A == PRECISION_SWITCH_STAGE[family] == 4.0
+    for name, cfg in PRESETS.items():
+        if name.startswith(family + "-"):
+            assert cfg.precision == f"auto,tf32@stage>={A:g}", name
+            rule = PrecisionRule.parse(cfg.precision, "cuda")
+            assert rule.format_at(A - 0.01) == "bf16" and rule.format_at(A) == "tf32"

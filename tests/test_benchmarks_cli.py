@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,3 +131,26 @@ def test_summarise_skips_start_up_ticks():
 def test_missing_data_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="no such EDM-format zip"):
         _bench_module("cli_throughput").main(["--data", str(tmp_path / "absent.zip")])
+
+
+def test_compile_check_compares_loss_gradient_and_update_against_eager(tmp_path):
+    """benchmarks/compile_check.py: the comparison is zero for identical runs, sees a changed gradient, and its
+    CPU run (eager variants: the CPU has no TF32 and the compile variant needs minutes) finds the floor at 0."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compile_check", ROOT / "benchmarks" / "compile_check.py")
+    cc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cc)
+    g, dw = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([1.0, 0.0, 0.0])
+    same = cc.compare(([2.0, 1.0], g, dw), ([2.0, 1.0], g.clone(), dw.clone()))
+    assert same["loss_rel_diff_max"] == 0 and same["grad_rel_diff"] == 0 and same["dw_rel_diff"] == 0
+    other = cc.compare(([2.0, 1.0], g, dw), ([2.0, 1.5], torch.tensor([3.0, 4.0, 5.0]), torch.tensor([0.0, 1.0, 0.0])))
+    assert other["loss_rel_diff"] == [0.0, 0.5] and abs(other["grad_rel_diff"] - 1.0) < 1e-6
+    assert abs(other["grad_cosine"] - 0.5 ** 0.5) < 1e-6 and abs(other["dw_cosine"]) < 1e-6
+    out = tmp_path / "cc.json"
+    assert cc.main(["--tiny", "--nets", "cifar10", "--tasks", "sct", "--steps", "2",
+                    "--variants", "eager,eager-again", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    (row,) = rec["rows"]
+    assert row["dropout"] == 0.0 and len(row["loss_eager"]) == 2 and all(math.isfinite(v) for v in row["loss_eager"])
+    assert row["floor"]["grad_rel_diff"] == 0.0 and "compiled" not in row  # the CPU is deterministic

@@ -1,0 +1,157 @@
+"""Does `torch.compile` + channels-last change the numbers it speeds up? (issue 12: a speed-up ships only with
+a check that the loss and gradients stay where they were.)
+
+For each network (DDPM++ at CIFAR-10 shape, EDM2-S at ImageNet-64 shape) and each task (ECT, SCT), three
+Trainers start from the same weights and seed and take the same `train_step`s on the same synthetic batch
+(so the same t, r, noise and references: seeds derive from (seed, rank, images seen)):
+
+* ``eager``      - the reference (bf16 autocast, the presets' first format; no compile, NCHW),
+* ``eager-again`` - the same again: the noise floor of the GPU itself (cuDNN / atomics are not bit-exact),
+* ``compiled``   - `compile=true channels_last=true`,
+* ``eager-tf32``  - the eager step in TF32: the yardstick of what the format's own rounding does.
+
+It compares with ``eager``: the loss of every step, the whole parameter gradient of the first step (same
+weights in every variant: relative difference and cosine), and the weight change after the last step (Adam
+turns tiny gradient differences into sign flips of whole updates, so this one is the loosest). The compiled
+step is as exact as the format when its differences are no larger than eager-tf32's (printed, not asserted:
+fused kernels round bf16 intermediates differently by design).
+
+Dropout is off by default (``--dropout 0``). In the first H200 run, with the CIFAR-10 preset's dropout 0.2,
+the compiled step's first gradient had cosine 0.974 against eager while eager in TF32 had 0.999995: compiled
+code draws dropout masks from Inductor's own random stream, the likely cause (two paths training on
+different masks), which this default removes so that the comparison is about arithmetic.
+
+    python benchmarks/compile_check.py --out compile_check.json      # on a GPU (a few minutes: two compiles)
+    python benchmarks/compile_check.py --tiny                        # small networks on the CPU (logic check)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sctlib import config as C  # noqa: E402
+from sctlib.train import Trainer  # noqa: E402
+
+VARIANTS = {"eager": dict(compile=False, channels_last=False), "eager-again": dict(compile=False, channels_last=False),
+            "compiled": dict(compile=True, channels_last=True),
+            # the yardstick: the same eager step in TF32, i.e. how much the format's own rounding moves the numbers
+            "eager-tf32": dict(compile=False, channels_last=False, precision="tf32")}
+
+
+class _Fixed(torch.utils.data.Dataset):
+    """One synthetic set on the uint8 grid (the same for every variant)."""
+
+    def __init__(self, shape, n, label_dim, device):
+        g = torch.Generator().manual_seed(0)
+        self.X = (torch.randint(0, 256, (n, *shape), generator=g).float() / 127.5 - 1).to(device)
+        self.y = torch.randint(0, max(label_dim, 1), (n,), generator=g).to(device)
+        self.shape, self.label_dim = tuple(shape), label_dim
+
+    def __len__(self):
+        return len(self.X)
+
+    def tensors(self):
+        return self.X, self.y
+
+
+def _flat(net) -> torch.Tensor:
+    return torch.cat([p.detach().float().reshape(-1) for p in net.parameters()])
+
+
+def run_variant(cfg, steps: int, device: str):
+    """Losses per step and the total weight change of one Trainer."""
+    ds = _Fixed((cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution), 4 * cfg.batch_size,
+                cfg.net.label_dim if cfg.cond else 0, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Trainer(cfg, tmp, progress=False, dataset=ds)
+        w0 = _flat(tr.net)
+        losses, g1 = [], None
+        for _ in range(steps):
+            before = float(tr.acc["loss_sum"])
+            count = float(tr.acc["count"])
+            tr.train_step()  # zero_grad comes first in the step, so .grad is this step's gradient afterwards
+            losses.append((float(tr.acc["loss_sum"]) - before) / max(float(tr.acc["count"]) - count, 1.0))
+            if g1 is None:
+                g1 = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().reshape(-1)
+                                for p in tr.net.parameters()])
+        dw = _flat(tr.net) - w0
+        del tr
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return losses, g1, dw
+
+
+def compare(ref, other):
+    (l0, g0, dw0), (l1, g1, dw1) = ref, other
+    loss_rel = [abs(a - b) / max(abs(a), 1e-30) for a, b in zip(l0, l1)]
+    rel = lambda a, b: float((b - a).norm() / a.norm().clamp(min=1e-30))
+    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    return {"loss_rel_diff": loss_rel, "loss_rel_diff_max": max(loss_rel), "grad_rel_diff": rel(g0, g1),
+            "grad_cosine": cos(g0, g1), "dw_rel_diff": rel(dw0, dw1), "dw_cosine": cos(dw0, dw1)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nets", default="cifar10,imagenet64-s")
+    ap.add_argument("--tasks", default="ect,sct")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--precision", default="bf16", help="the format of every variant (the presets' first format)")
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="net.dropout of every variant (default 0: compiled dropout draws other masks than eager)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="a subset of " + ",".join(VARIANTS))
+    ap.add_argument("--tiny", action="store_true", help="small networks, batch 8, fp32, on the CPU")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    rows = []
+    for net in args.nets.split(","):
+        for task in args.tasks.split(","):
+            base = C.get_preset(f"{net}-{task}")
+            base = replace(base, device=device, batch_size=args.batch, init="", tick_nimg=10**12,
+                           precision=args.precision if device == "cuda" else "fp32",
+                           loss=replace(base.loss, double_nimg=3_200_000, ref_source="batch"
+                                        if task == "sct" else base.loss.ref_source))
+            base = replace(base, net=replace(base.net, dropout=args.dropout))
+            if args.tiny:
+                base = C.override(base, **{"net.model_channels": 32, "net.num_blocks": 1}, batch_size=8)
+            names = args.variants.split(",")
+            unknown = sorted(set(names) - set(VARIANTS))
+            if unknown or "eager" not in names:
+                ap.error(f"--variants: unknown {unknown}" if unknown else "--variants must include eager")
+            res = {}
+            for name, changes in ((n, VARIANTS[n]) for n in names):
+                if device == "cpu" and name == "eager-tf32":
+                    changes = {**changes, "precision": "fp32"}  # no TF32 on a CPU: the yardstick is the floor there
+                torch.manual_seed(0)
+                res[name] = run_variant(replace(base, **changes), args.steps, device)
+            row = {"net": net, "task": task, "precision": base.precision, "steps": args.steps,
+                   "batch": base.batch_size, "dropout": args.dropout, "loss_eager": res["eager"][0],
+                   **{key: compare(res["eager"], res[name]) for key, name in
+                      (("floor", "eager-again"), ("compiled", "compiled"), ("tf32", "eager-tf32")) if name in res}}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{'net':14s} {'task':5s} {'against eager':14s} {'loss rel':>9s} {'grad rel':>9s} {'grad cos':>10s} "
+          f"{'dw rel':>9s} {'dw cos':>9s}")
+    for r in rows:
+        for name in (n for n in ("floor", "tf32", "compiled") if n in r):
+            c = r[name]
+            label = {"floor": "eager again", "tf32": "eager TF32", "compiled": "compiled + CL"}[name]
+            print(f"{r['net']:14s} {r['task']:5s} {label:14s} {c['loss_rel_diff_max']:9.2e} {c['grad_rel_diff']:9.2e} "
+                  f"{c['grad_cosine']:10.6f} {c['dw_rel_diff']:9.2e} {c['dw_cosine']:9.5f}")
+    if args.out:
+        meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+                "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -219,7 +219,14 @@ for d in sorted(p for p in runs.iterdir() if p.is_dir()):
     if (d / "results.json").exists():
         recs[d.name] = json.loads((d / "results.json").read_text())
     elif (d / "evals.jsonl").exists():  # a run stopped by the time box: keep its evaluations and tick statistics
-        rows = lambda f: [json.loads(l) for l in (d / f).read_text().splitlines() if l.strip()] if (d / f).exists() else []
+        def rows(f):  # a process killed mid-write leaves a cut last line: skipped (and said), not fatal
+            out = []
+            for i, line in enumerate((d / f).read_text().splitlines() if (d / f).exists() else []):
+                try:
+                    out.append(json.loads(line)) if line.strip() else None
+                except json.JSONDecodeError:
+                    print(f"{d.name}/{f}: line {i + 1} is not JSON (cut by the time limit?): skipped", file=sys.stderr)
+            return out
         partial[d.name] = {"curve": rows("evals.jsonl"), "stats": rows("stats.jsonl")}
 (out / "natural32_runs.json").write_text(json.dumps({"complete": recs, "partial": partial}))
 print(f"{len(recs)} complete: {', '.join(recs)}; {len(partial)} partial: {', '.join(partial)}")

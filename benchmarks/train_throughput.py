@@ -24,6 +24,8 @@ Measurement: every row of a net is built and warmed up first, then the rows are 
 interleaved rounds of ``--steps`` steps each (ECT, SCT[...], ECT, SCT[...], ...), and img/s is the median
 over rounds: drifts of the GPU clock or of other load hit every row alike, and one slow round does not
 count. Ratios (x base, SCT/ECT) are of medians; 'spread' is (max - min) / median over the rounds.
+'MFU' is model-FLOP utilisation (sctlib.flops): img/s x the model FLOPs per image of the step (counted once
+per net, fp32 ECT step) over the GPU's dense bf16 peak.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from dataclasses import replace
 import torch
 
 from sctlib import config as C
+from sctlib.flops import mfu, peak_tflops, step_flops_per_image
 from sctlib.precision import set_tf32
 from sctlib.train import Trainer
 
@@ -209,7 +212,15 @@ def main(argv=None):
                    "ref_images": n_images or None}
             plans.append((net, row, cfg, n_images, classes))
     # One net at a time: build and warm up all its rows, then interleave the timed rounds.
+    dev_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     for net in dict.fromkeys(p[0] for p in plans):
+        # Model FLOPs per image of the step (sctlib.flops: counted while one fp32 ECT step runs; SCT's
+        # reference arithmetic is overhead, not model work) -> MFU against the GPU's dense bf16 peak.
+        try:
+            flops_img = step_flops_per_image(next(p[2] for p in plans if p[0] == net), device=device)
+        except Exception as exc:  # noqa: BLE001 - the rates still count without it
+            print(f"# {net}: FLOP count failed ({type(exc).__name__}: {exc})", flush=True)
+            flops_img = None
         benches = []
         for _, row, cfg, n_images, classes in (p for p in plans if p[0] == net):
             try:
@@ -227,12 +238,14 @@ def main(argv=None):
         for row, b in benches:
             if "error" not in row:
                 row.update(b.result(args.steps))
+                row["model_gflop_per_img"] = flops_img / 1e9 if flops_img else None
+                row["mfu"] = mfu(row["img_per_s"], flops_img, dev_name) if flops_img else None
             rows.append(row)
             print(json.dumps(row), flush=True)
             b.close()
     # Ratios against the fp32 baseline of the same net and task, and SCT over ECT per variant.
     print(f"\n{'net':14s} {'task':24s} {'variant':22s} {'img/s':>9s} {'x base':>7s} {'SCT/ECT':>8s} {'spread':>7s} "
-          f"{'GiB':>6s}")
+          f"{'GiB':>6s} {'MFU':>6s}")
     for r in rows:
         if "error" in r:
             print(f"{r['net']:14s} {r['task']:24s} {r['variant']:22s} ERROR {r['error']}")
@@ -245,8 +258,9 @@ def main(argv=None):
         r["sct_cost_over_ect"] = ect["img_per_s"] / r["img_per_s"] - 1 if (ect and r["task"].startswith("sct")) else None
         xb = f"{r['x_baseline']:.2f}" if r["x_baseline"] else "-"
         so = f"{100 * r['sct_cost_over_ect']:+.1f}%" if r["sct_cost_over_ect"] is not None else "-"
+        mf = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else "-"
         print(f"{r['net']:14s} {r['task']:24s} {r['variant']:22s} {r['img_per_s']:9.1f} {xb:>7s} {so:>8s} "
-              f"{100 * r['spread']:6.1f}% {r['peak_gib']:6.1f}")
+              f"{100 * r['spread']:6.1f}% {r['peak_gib']:6.1f} {mf:>6s}")
     mixes = preset_mixes(rows)
     if mixes:
         print("\nThe presets' precision rule over their whole schedule (sctlib.precision.schedule_mix of the eager rows):")
@@ -255,7 +269,7 @@ def main(argv=None):
             print(f"  {m['preset']:22s} {m['precision']:22s} {m['img_per_s']:8.1f} img/s  ({share}; "
                   f"{100 * (m['img_per_s'] / m['bf16_img_per_s'] - 1):+.1f}% against bf16 throughout)")
     if args.out:
-        meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+        meta = {"device": dev_name, "torch": torch.__version__, "peak_bf16_dense_tflops": peak_tflops(dev_name),
                 "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "batch": args.batch}
         with open(args.out, "w") as fh:
             json.dump({"meta": meta, "rows": rows, "preset_mix": mixes}, fh, indent=1)

@@ -7,7 +7,8 @@
 #   bash experiments/gpu_bench.sh fused       # one idle GPU: the ImageNet-64 class reference pass (fused kernels
 #                                             # vs PyTorch) alone and inside the EDM2-S step (~4 min)
 #   bash experiments/gpu_bench.sh sample      # one idle GPU: 1-step sampling rate for FID-50k
-#   bash experiments/gpu_bench.sh compile     # one idle GPU: the CLI with compile and channels-last
+#   bash experiments/gpu_bench.sh compile     # one idle GPU: compiled step vs eager (loss, gradient, update)
+#   bash experiments/gpu_bench.sh compile-cli # one idle GPU: the CLI with compile and channels-last
 #   bash experiments/gpu_bench.sh ddp         # every GPU of the host, nothing else running: the CLI on 1 and 2
 #                                             # processes (DDP efficiency at the same per-GPU batch)
 #
@@ -26,7 +27,7 @@ b() {  # b NAME SECONDS CMD...: run one benchmark, its table to NAME.txt, exit s
   local rc=$?  # before any $(...) in the message: a command substitution resets $?
   echo "$(date +%T) bench $name: exit $rc"
 }
-case "${1:?stage: exclusive | fused | sample | ddp | compile}" in
+case "${1:?stage: exclusive | fused | sample | ddp | compile | compile-cli}" in
 exclusive)
   nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv > "$RES/bench_gpu_state.txt" 2>&1
   # Issue 13: the reference pass alone (CIFAR-10 50,000 references; ImageNet-64 per class), float64 vs mixed.
@@ -65,6 +66,11 @@ ddp)
   done
   ;;
 compile)
+  # Issue 12: does the compiled step keep eager's loss and gradients (dropout off: compiled dropout draws other
+  # masks), against eager's own floor and eager TF32 as the yardstick? Both nets, SCT (~6 min: two compiles).
+  b bench_compile_check 420 $PY benchmarks/compile_check.py --tasks sct --steps 2 --out "$RES/bench_compile_check.json"
+  ;;
+compile-cli)
   # Issue 12: the CLI as a user runs it, with compile and channels-last (compile warm-up in the first tick).
   b bench_cli_compile 420 $PY benchmarks/cli_throughput.py --data "$DATA" --presets cifar10-ect,cifar10-sct --nproc 1 \
       --ticks 5 --steps-per-tick 20 --extra compile=true channels_last=true --label "compile + channels-last" \

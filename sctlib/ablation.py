@@ -483,13 +483,18 @@ def partial_runs(partial: Dict[str, List[dict]]) -> Dict[str, dict]:
 def paired_differences(record: dict, *, baseline: str, eval_point: Optional[int] = None,
                        keys: Sequence[str] = ("fid_1step", "fid_2step")) -> List[dict]:
     """Per group, the difference to ``baseline`` of runs with the same seed (same teacher, images and noise
-    draws), at one evaluation point (default: the last one every run reached).
+    draws), at one evaluation point.
 
     ``record``: what :func:`evidence_records` wrote (its ``results.curves``). Pairing by seed removes the
     spread that all formats share (the seed's data order and noise draws), so a difference smaller than
-    the groups' standard deviation can still be consistent in sign. Returns one row per group other than the
-    baseline: ``{'group', 'eval_point', 'seeds', '<key>_diffs', '<key>_mean_diff', '<key>_same_sign'}``
-    (``same_sign``: every seed's difference has the sign of the mean).
+    the groups' standard deviation can still be consistent in sign. ``eval_point`` None: per group, the
+    latest point that every paired run of the group and of the baseline reached (a run cut early does not
+    pull other groups back). Seeds whose value is missing or not finite are left out of that key.
+    Returns one row per group other than the baseline: ``{'group', 'eval_point', 'seeds', '<key>_diffs',
+    '<key>_seeds', '<key>_mean_diff', '<key>_same_sign'}`` (``same_sign``: every seed's difference has the
+    sign of the mean; with three seeds that happens by chance with probability 1/4). A group that shares no
+    seed and point with the baseline gets ``seeds: []`` and no differences, so one cut run does not stop a
+    report.
     """
     curves = record["results"]["curves"]
     by: Dict[str, Dict[int, Dict[int, dict]]] = {}
@@ -497,24 +502,32 @@ def paired_differences(record: dict, *, baseline: str, eval_point: Optional[int]
         by.setdefault(c["group"], {})[int(c["seed"])] = {int(e["eval_point"]): e for e in c["curve"]}
     if baseline not in by:
         raise ValueError(f"paired_differences: no group {baseline!r} in the record (groups: {sorted(by)})")
-    if eval_point is None:
-        common = set.intersection(*(set(pts) for g in by.values() for pts in g.values()))
-        if not common:
-            raise ValueError("paired_differences: the runs share no evaluation point")
-        eval_point = max(common)
+    base = by[baseline]
+
+    def value(e, k):
+        v = e.get(k)
+        return float(v) if v is not None and np.isfinite(float(v)) else None
+
     rows = []
     for group, seeds in sorted(by.items()):
         if group == baseline:
             continue
-        paired = sorted(s for s in seeds if s in by[baseline] and eval_point in seeds[s]
-                        and eval_point in by[baseline][s])
-        if not paired:
-            raise ValueError(f"paired_differences: {group!r} shares no seed with {baseline!r} at {eval_point}")
-        row: Dict[str, object] = {"group": group, "eval_point": eval_point, "seeds": paired}
+        shared = sorted(s for s in seeds if s in base)
+        if eval_point is None:
+            common = set.intersection(*(set(seeds[s]) & set(base[s]) for s in shared)) if shared else set()
+            point = max(common) if common else None
+        else:
+            point = eval_point
+        paired = [s for s in shared if point is not None and point in seeds[s] and point in base[s]]
+        row: Dict[str, object] = {"group": group, "eval_point": point, "seeds": paired}
         for k in keys:
-            d = [float(seeds[s][eval_point][k]) - float(by[baseline][s][eval_point][k]) for s in paired]
+            pairs = [(s, value(seeds[s][point], k), value(base[s][point], k)) for s in paired]
+            pairs = [(s, a - b) for s, a, b in pairs if a is not None and b is not None]
+            if not pairs:
+                continue
+            d = [x for _, x in pairs]
             m = float(np.mean(d))
-            row[f"{k}_diffs"], row[f"{k}_mean_diff"] = d, m
+            row[f"{k}_seeds"], row[f"{k}_diffs"], row[f"{k}_mean_diff"] = [s for s, _ in pairs], d, m
             row[f"{k}_same_sign"] = bool(all(np.sign(x) == np.sign(m) and x != 0 for x in d))
         rows.append(row)
     return rows

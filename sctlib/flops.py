@@ -21,9 +21,10 @@ import torch
 
 __all__ = ["PEAK_BF16_DENSE_TFLOPS", "peak_tflops", "step_flops_per_image", "mfu"]
 
-# Dense bf16 tensor-core peaks, TFLOP/s (NVIDIA data sheets; SXM parts; no 2:4 sparsity).
-PEAK_BF16_DENSE_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0,
-                          "RTX 4090": 165.2, "V100": 125.0}
+# Dense bf16 tensor-core peaks, TFLOP/s (NVIDIA data sheets; no 2:4 sparsity). The plain names are the SXM
+# parts; the PCIe / NVL parts are slower and matched first (longest key wins).
+PEAK_BF16_DENSE_TFLOPS = {"H200": 989.4, "H200 NVL": 835.0, "H100": 989.4, "H100 PCIe": 756.0,
+                          "H100 NVL": 835.0, "A100": 312.0, "L40S": 362.1, "A10G": 70.0, "RTX 4090": 165.2}
 
 
 def peak_tflops(device_name: str) -> Optional[float]:
@@ -50,19 +51,22 @@ class _Fixed(torch.utils.data.Dataset):
         return self.X, self.y
 
 
-def step_flops_per_image(cfg, *, batch: int = 2, device: str = "cpu") -> float:
+def step_flops_per_image(cfg, *, batch: int = 2, device: str = "cpu", as_ect: bool = True) -> float:
     """Model FLOPs per image of one training step of ``cfg`` (a TrainConfig), counted in fp32 on ``device``
     (the count does not depend on it; a GPU only counts faster).
 
     The config is run as ECT (``loss.task='ect'``: the same network calls as SCT, without SCT's reference
     arithmetic) with ``batch`` images; the count is divided by ``batch`` (it is exactly linear in the batch:
     every counted op is per sample). EMA and optimizer updates are elementwise and not counted.
+    ``as_ect=False`` counts the config's own task (SCT: the network calls plus its reference arithmetic).
+    Attention is counted on PyTorch's math backend, which has a FLOP formula whatever the memory layout
+    (the CPU's fused kernel has none and would count 0).
     """
     from .train import Trainer
 
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    loss = replace(cfg.loss, task="ect") if cfg.loss.task == "sct" else cfg.loss
+    loss = replace(cfg.loss, task="ect") if (as_ect and cfg.loss.task == "sct") else cfg.loss
     run = replace(cfg, device=device, precision="fp32", compile=False, channels_last=False, batch_size=batch,
                   batch_gpu=0, init="", loss=loss, tick_nimg=10**12, checkpoint_nimg=0, sample_nimg=0,
                   eval=replace(cfg.eval, every_nimg=0))
@@ -70,8 +74,10 @@ def step_flops_per_image(cfg, *, batch: int = 2, device: str = "cpu") -> float:
 
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(run, tmp, progress=False, dataset=_Fixed(run, 2 * batch))
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         counter = FlopCounterMode(display=False)
-        with counter:
+        with counter, sdpa_kernel(SDPBackend.MATH):
             tr.train_step()
         total = counter.get_total_flops()
         del tr

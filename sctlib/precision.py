@@ -202,7 +202,10 @@ def switch_stage(diff_error_by_stage: dict, *, threshold: float = 1.0):
     The presets' rule is 'auto,tf32@stage>=A' with A = switch_stage(bf16's errors): bf16 while its rounding
     error is smaller than the difference it rounds (threshold 1: the error is as large as the signal), TF32
     from there. On one H200 this gives A = 4 for DDPM++ (errors 0.49 at a = 3, 1.18 at a = 4) and for EDM2-S
-    (0.87, 3.15); the matched runs of the book's results chapter favour switching there over bf16 throughout.
+    (0.87, 3.15). A stage whose error is missing or not finite counts as exceeding.
     """
-    bad = sorted(float(a) for a, err in diff_error_by_stage.items() if float(err) > threshold)
+    # A stage without a finite error (None, NaN, inf: the difference was lost or could not be measured) counts
+    # as exceeding the threshold, never as fine.
+    bad = sorted(float(a) for a, err in diff_error_by_stage.items()
+                 if err is None or not (float(err) <= threshold))
     return bad[0] if bad else None

@@ -273,3 +273,18 @@ def test_paired_differences_pair_seeds_at_the_last_common_point():
     assert at12["tf32"]["fid_1step_diffs"] == [-1.0, -1.0]
     with pytest.raises(ValueError, match="no group"):
         A.paired_differences({"results": {"curves": curves}}, baseline="fp32")
+
+
+def test_paired_differences_survive_cut_runs_missing_seeds_and_missing_values():
+    def run(group, seed, pts):
+        return {"run": f"prec-{group}-s{seed}", "group": group, "seed": seed,
+                "curve": [{"eval_point": n, "fid_1step": f, "fid_2step": f} for n, f in pts.items()]}
+    curves = [run("bf16", 0, {12: 250.0, 24: 233.0}), run("bf16", 1, {12: 251.0, 24: 230.0}),
+              run("fp16", 0, {12: 252.0}),                     # cut after its first evaluation
+              run("tf32", 0, {12: 249.0, 24: 231.0}), run("tf32", 1, {12: 250.0, 24: float("nan")}),
+              run("rule", 5, {12: 1.0, 24: 1.0})]               # no seed in common with bf16
+    rows = {r["group"]: r for r in A.paired_differences({"results": {"curves": curves}}, baseline="bf16")}
+    assert rows["fp16"]["eval_point"] == 12 and rows["fp16"]["fid_1step_diffs"] == [2.0]
+    assert rows["tf32"]["eval_point"] == 24                      # not pulled back to 12 by the cut fp16 run
+    assert rows["tf32"]["fid_1step_seeds"] == [0] and rows["tf32"]["fid_1step_diffs"] == [-2.0]  # NaN left out
+    assert rows["rule"]["seeds"] == [] and "fid_1step_diffs" not in rows["rule"]

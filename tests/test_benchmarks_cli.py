@@ -154,3 +154,4 @@ def test_compile_check_compares_loss_gradient_and_update_against_eager(tmp_path)
     (row,) = rec["rows"]
     assert row["dropout"] == 0.0 and len(row["loss_eager"]) == 2 and all(math.isfinite(v) for v in row["loss_eager"])
     assert row["floor"]["grad_rel_diff"] == 0.0 and "compiled" not in row  # the CPU is deterministic
+    assert row["floor"]["grad_cosine"] == pytest.approx(1.0, abs=1e-6)     # a real gradient (all zeros: nan / 0)

@@ -340,6 +340,9 @@ def test_switch_stage_is_the_first_stage_whose_error_exceeds_the_signal():
     assert switch_stage({3: 1.5, 1: 0.1, 2: 2.0}) == 2.0          # order of the keys does not matter
     assert switch_stage({1: 0.1, 2: 0.5}) is None                 # never swamped: no switch
     assert switch_stage({1: 0.1, 2: 0.5}, threshold=0.3) == 2.0
+    assert switch_stage({1: 0.1, 2: float("nan"), 3: 5.0}) == 2.0   # a lost difference is not a fine one
+    assert switch_stage({1: 0.1, 2: None, 3: 0.2}) == 2.0
+    assert switch_stage({1: 0.1, 2: float("inf")}) == 2.0
 
 
 @pytest.mark.parametrize("family, record, net", [("cifar10", "precision_h200_cifar10.json", "cifar10"),
@@ -357,7 +360,8 @@ def test_presets_switch_where_the_committed_precision_benchmark_says(family, rec
 
     rec = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / record).read_text())
     res = rec["nets"][net]
-    worst = {a: max(e for e in per_t if e is not None and math.isfinite(e))
+    # a t the benchmark could not measure (None) is left out; a non-finite error stays and counts as exceeding
+    worst = {a: max(math.inf if not math.isfinite(e) else e for e in per_t if e is not None)
              for a, per_t in zip(res["stages"], res["diff"]["rel_error"]["bf16"])}
     A = switch_stage(worst)
     assert A == PRECISION_SWITCH_STAGE[family] == 4.0

@@ -384,6 +384,17 @@ for store_kind in ("uint8", "float"):
     for k in ("ess", "own_weight", "n_refs", "weights"):
         err.append(float((sa[k] - sb[k]).abs().max()))
     results.append((store_kind, err, [int(v) for v in sb["n_refs"]], str(b.dtype)))
+# benchmarks/reference_cost.py's GPU-only accuracy check, run here through the interpreter: float64 queries
+sys.path.insert(0, sys.argv[1] + "/benchmarks")
+from reference_cost import fused_vs_torch_rel
+src = DatasetReferences(X, y, fused=None)
+rel = fused_vs_torch_rel(src, x_t.float(), t.float(), x0.float(), lab, None)
+assert src.fused is None                    # restored
+_ws = _triton_refs.class_weighted_sum       # and it sees a 1e-4 error planted in the fused path only
+_triton_refs.class_weighted_sum = lambda *a, **k: _ws(*a, **k) * (1 + 1e-4)
+planted = fused_vs_torch_rel(src, x_t.float(), t.float(), x0.float(), lab, None)
+_triton_refs.class_weighted_sum = _ws
+results.append(("benchmark", [rel, planted], [], "torch.float64"))
 print(repr(results))
 '''
 
@@ -406,7 +417,9 @@ def test_fused_class_kernels_equal_the_pytorch_float64_path_under_the_triton_int
                          env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     results = ast.literal_eval(res.stdout.strip().splitlines()[-1])
-    assert [r[0] for r in results] == ["uint8", "float"]
+    assert [r[0] for r in results] == ["uint8", "float", "benchmark"]
+    assert results[2][1][0] < 1e-9 < 1e-7 < results[2][1][1]  # reference_cost.fused_vs_torch_rel: agrees; sees the plant
+    results = results[:2]
     # Reference counts, own image once: row 4 (class 0 of 9) loses its stored self and its copy 5 -> 8; row 29
     # (class 1 of 23) keeps its near-copy 30 on the uint8 grid (RMS 1/127.5 > dup_rms 0.005) but not on the
     # float store, where the same step is 1/300 < 0.005 -> 23 / 22; row 32 is in the class of 2.
@@ -451,6 +464,26 @@ def test_a_failing_fused_kernel_warns_and_falls_back_to_the_pytorch_path(monkeyp
     forced = DatasetReferences(X, y, fused=True)        # fused=True: the error surfaces
     with pytest.raises(RuntimeError, match="no kernel here"):
         forced(x_t, t, x0, lab)
+
+
+def test_out_of_memory_in_the_fused_pass_is_not_mistaken_for_a_kernel_that_failed_to_build(monkeypatch):
+    from sctlib import _triton_refs
+
+    g = torch.Generator().manual_seed(1)
+    X, y = grid_images(20, 6, g), torch.arange(20) % 2
+    x0, lab, t = X[:4], y[:4], torch.full((4,), 0.3)
+    x_t = x0 + 0.3 * torch.randn(4, 6, generator=g)
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(_triton_refs, "AVAILABLE", True)
+    src = DatasetReferences(X, y)                       # fused=None: a build failure would fall back ...
+    monkeypatch.setattr(src, "_use_fused", lambda dev: src.fused is not False)
+    monkeypatch.setattr(src, "_class_pass_fused", oom)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        src(x_t, t, x0, lab)
+    assert src.fused is None                            # ... but memory is the caller's to see: no fallback
 
 
 @pytest.mark.skipif(not __import__("sctlib._triton_refs", fromlist=["AVAILABLE"]).AVAILABLE,

@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sctlib import config as C  # noqa: E402
+from sctlib.data import SyntheticImages  # noqa: E402
 from sctlib.train import Trainer  # noqa: E402
 
 VARIANTS = {"eager": dict(compile=False, channels_last=False), "eager-again": dict(compile=False, channels_last=False),
@@ -45,30 +46,13 @@ VARIANTS = {"eager": dict(compile=False, channels_last=False), "eager-again": di
             "eager-tf32": dict(compile=False, channels_last=False, precision="tf32")}
 
 
-class _Fixed(torch.utils.data.Dataset):
-    """One synthetic set on the uint8 grid (the same for every variant)."""
-
-    def __init__(self, shape, n, label_dim, device):
-        g = torch.Generator().manual_seed(0)
-        self.X = (torch.randint(0, 256, (n, *shape), generator=g).float() / 127.5 - 1).to(device)
-        self.y = torch.randint(0, max(label_dim, 1), (n,), generator=g).to(device)
-        self.shape, self.label_dim = tuple(shape), label_dim
-
-    def __len__(self):
-        return len(self.X)
-
-    def tensors(self):
-        return self.X, self.y
-
-
 def _flat(net) -> torch.Tensor:
     return torch.cat([p.detach().float().reshape(-1) for p in net.parameters()])
 
 
 def run_variant(cfg, steps: int, device: str):
     """Losses per step and the total weight change of one Trainer."""
-    ds = _Fixed((cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution), 4 * cfg.batch_size,
-                cfg.net.label_dim if cfg.cond else 0, device)
+    ds = SyntheticImages.for_config(cfg, 4 * cfg.batch_size, device)
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(cfg, tmp, progress=False, dataset=ds)
         w0 = _flat(tr.net)
@@ -110,6 +94,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="small networks, batch 8, fp32, on the CPU")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    names = args.variants.split(",")
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown or "eager" not in names:
+        ap.error(f"--variants: unknown {unknown}" if unknown else "--variants must include eager")
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     rows = []
     for net in args.nets.split(","):
@@ -122,10 +110,6 @@ def main(argv=None) -> int:
             base = replace(base, net=replace(base.net, dropout=args.dropout))
             if args.tiny:
                 base = C.override(base, **{"net.model_channels": 32, "net.num_blocks": 1}, batch_size=8)
-            names = args.variants.split(",")
-            unknown = sorted(set(names) - set(VARIANTS))
-            if unknown or "eager" not in names:
-                ap.error(f"--variants: unknown {unknown}" if unknown else "--variants must include eager")
             res = {}
             for name, changes in ((n, VARIANTS[n]) for n in names):
                 if device == "cpu" and name == "eager-tf32":

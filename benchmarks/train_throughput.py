@@ -40,6 +40,7 @@ from dataclasses import replace
 import torch
 
 from sctlib import config as C
+from sctlib.data import SyntheticImages
 from sctlib.flops import mfu, peak_tflops, step_flops_per_image
 from sctlib.precision import set_tf32
 from sctlib.train import Trainer
@@ -70,32 +71,11 @@ REF_VARIANTS = {
 }
 
 
-class Synthetic(torch.utils.data.Dataset):
-    """Random images on the uint8 grid held in memory (the benchmark measures the step, not the data
-    pipeline); ``classes`` > 0 gives n / classes images per class."""
-
-    def __init__(self, shape, n, label_dim, device, classes=0):
-        g = torch.Generator().manual_seed(0)
-        self.X = (torch.randint(0, 256, (n, *shape), generator=g).float() / 127.5 - 1).to(device)
-        if classes:
-            self.y = (torch.arange(n) % classes).to(device)
-        else:
-            self.y = torch.randint(0, max(label_dim, 1), (n,), generator=g).to(device)
-        self.shape, self.label_dim = tuple(shape), label_dim
-
-    def __len__(self):
-        return len(self.X)
-
-    def tensors(self):
-        return self.X, self.y
-
-
 class Bench:
     """One row: a Trainer on a synthetic in-memory set, warmed up; ``round(steps)`` times steps."""
 
     def __init__(self, cfg, warmup, device, n_images=0, classes=0):
-        ds = Synthetic((cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution),
-                       n_images or 4 * cfg.batch_size, cfg.net.label_dim if cfg.cond else 0, device, classes)
+        ds = SyntheticImages.for_config(cfg, n_images or 4 * cfg.batch_size, device, classes)
         self.tmp = tempfile.TemporaryDirectory()
         self.cfg, self.device = cfg, device
         self.tr = Trainer(cfg, self.tmp.name, progress=False, dataset=ds)

@@ -18,6 +18,8 @@ from dataclasses import replace
 from typing import Optional
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["PEAK_BF16_DENSE_TFLOPS", "peak_tflops", "step_flops_per_image", "mfu"]
 
@@ -36,21 +38,6 @@ def peak_tflops(device_name: str) -> Optional[float]:
     return None
 
 
-class _Fixed(torch.utils.data.Dataset):
-    def __init__(self, cfg, n):
-        g = torch.Generator().manual_seed(0)
-        shape = (cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution)
-        self.X = (torch.randint(0, 256, (n, *shape), generator=g).float() / 127.5 - 1).to(cfg.device)
-        self.y = torch.randint(0, max(cfg.net.label_dim, 1), (n,), generator=g).to(cfg.device)
-        self.shape, self.label_dim = shape, cfg.net.label_dim if cfg.cond else 0
-
-    def __len__(self):
-        return len(self.X)
-
-    def tensors(self):
-        return self.X, self.y
-
-
 def step_flops_per_image(cfg, *, batch: int = 2, device: str = "cpu", as_ect: bool = True) -> float:
     """Model FLOPs per image of one training step of ``cfg`` (a TrainConfig), counted in fp32 on ``device``
     (the count does not depend on it; a GPU only counts faster).
@@ -62,6 +49,7 @@ def step_flops_per_image(cfg, *, batch: int = 2, device: str = "cpu", as_ect: bo
     Attention is counted on PyTorch's math backend, which has a FLOP formula whatever the memory layout
     (the CPU's fused kernel has none and would count 0).
     """
+    from .data import SyntheticImages
     from .train import Trainer
 
     if batch < 1:
@@ -70,12 +58,8 @@ def step_flops_per_image(cfg, *, batch: int = 2, device: str = "cpu", as_ect: bo
     run = replace(cfg, device=device, precision="fp32", compile=False, channels_last=False, batch_size=batch,
                   batch_gpu=0, init="", loss=loss, tick_nimg=10**12, checkpoint_nimg=0, sample_nimg=0,
                   eval=replace(cfg.eval, every_nimg=0))
-    from torch.utils.flop_counter import FlopCounterMode
-
     with tempfile.TemporaryDirectory() as tmp:
-        tr = Trainer(run, tmp, progress=False, dataset=_Fixed(run, 2 * batch))
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
+        tr = Trainer(run, tmp, progress=False, dataset=SyntheticImages.for_config(run, 2 * batch))
         counter = FlopCounterMode(display=False)
         with counter, sdpa_kernel(SDPBackend.MATH):
             tr.train_step()
@@ -94,33 +78,42 @@ def mfu(img_per_s: float, flops_per_image: float, device_name: str) -> Optional[
 
 def main(argv=None) -> int:
     """``python -m sctlib.flops --presets cifar10-ect,imagenet64-s-ect --out step_flops.json``: the model FLOPs
-    per image of each preset's training step, as JSON (``{'rows': [{'preset', 'net', 'gflop_per_img'}]}``)."""
+    per image of each preset's training step, as JSON (``{'rows': [{'preset', 'net', 'gflop_per_img'}]}``).
+    A bad preset name or an unwritable --out is one ``error: ...`` line (exit 2), before any counting."""
     import argparse
     import json
     import sys
     from pathlib import Path
 
     from .config import get_preset
+    from .errors import UserError, cli_main
 
     ap = argparse.ArgumentParser(prog="python -m sctlib.flops", description=main.__doc__.split(":")[0])
     ap.add_argument("--presets", default="cifar10-ect,imagenet64-s-ect")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
-    rows = []
-    for name in args.presets.split(","):
-        cfg = get_preset(name)
-        g = step_flops_per_image(cfg, batch=args.batch) / 1e9
-        rows.append({"preset": name, "net": name.rsplit("-", 1)[0], "arch": cfg.net.arch, "gflop_per_img": g})
-        print(f"{name:22s} {g:10.2f} GFLOP per image per training step", flush=True)
-    if args.out:
-        rec = {"command": "python -m sctlib.flops " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "torch": torch.__version__,
-               "note": "Model FLOPs of one training step per image (student forward and backward, target forward; "
-                       "matmul / conv / attention, 2 per multiply-add), counted by torch.utils.flop_counter while "
-                       "an fp32 ECT step of the preset runs on the CPU.", "rows": rows}
-        Path(args.out).write_text(json.dumps(rec, indent=1))
-    return 0
+
+    def run():
+        cfgs = [(name, get_preset(name)) for name in args.presets.split(",")]  # every name checked first
+        if args.out and not Path(args.out).resolve().parent.is_dir():
+            raise UserError(f"--out {args.out}: the folder {Path(args.out).resolve().parent} does not exist")
+        rows = []
+        for name, cfg in cfgs:
+            g = step_flops_per_image(cfg, batch=args.batch) / 1e9
+            rows.append({"preset": name, "net": name.rsplit("-", 1)[0], "arch": cfg.net.arch, "gflop_per_img": g})
+            print(f"{name:22s} {g:10.2f} GFLOP per image per training step", flush=True)
+        if args.out:
+            rec = {"command": "python -m sctlib.flops " + " ".join(argv if argv is not None else sys.argv[1:]),
+                   "torch": torch.__version__,
+                   "note": "Model FLOPs of one training step per image (student forward and backward, target "
+                           "forward; matmul / conv / attention, 2 per multiply-add), counted by "
+                           "torch.utils.flop_counter while an fp32 ECT step of the preset runs on the CPU.",
+                   "rows": rows}
+            Path(args.out).write_text(json.dumps(rec, indent=1))
+        return 0
+
+    return cli_main(run)
 
 
 if __name__ == "__main__":

@@ -372,3 +372,20 @@ def test_data_package_does_not_import_networks_or_train():
                     offenders.append(f"{f.name}: {n}")
     assert not offenders, offenders
     assert len(list(Path(sctlib.data.__file__).parent.glob("*.py"))) >= 5
+
+
+def test_synthetic_images_are_seeded_uint8_grid_images_with_labels_or_class_cycles():
+    from sctlib.config import get_preset
+    from sctlib.data import SyntheticImages
+
+    a, b = SyntheticImages((3, 4, 4), 12, 10), SyntheticImages((3, 4, 4), 12, 10)
+    X, y = a.tensors()
+    assert X.shape == (12, 3, 4, 4) and torch.equal(X, b.tensors()[0]) and torch.equal(y, b.tensors()[1])
+    k = (X + 1) * 127.5                                                   # the uint8 level of each value
+    assert (k - k.round()).abs().max() < 1e-4 and X.min() >= -1 and X.max() <= 1
+    assert int(y.max()) < 10 and len(set(y.tolist())) > 1
+    assert SyntheticImages((3, 4, 4), 12, 10, classes=4).tensors()[1].tolist() == [0, 1, 2, 3] * 3
+    assert not SyntheticImages((3, 4, 4), 6).tensors()[1].any()          # unconditional: label 0
+    cfg = get_preset("digits-sct")
+    ds = SyntheticImages.for_config(cfg, 5)
+    assert ds.shape == (1, 8, 8) and ds.label_dim == (10 if cfg.cond else 0) and len(ds) == 5

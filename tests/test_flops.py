@@ -46,3 +46,17 @@ def test_mfu_and_peaks():
     assert sct.flops.mfu(972.0, 170e9, "some GPU") is None
     with pytest.raises(ValueError, match="batch"):
         sct.flops.step_flops_per_image(get_preset("digits-ect"), batch=0)
+
+
+def test_flops_cli_writes_its_record_and_refuses_bad_input_in_one_line(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "f.json"
+    assert sct.flops.main(["--presets", "digits-ect", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["rows"][0]["preset"] == "digits-ect" and rec["rows"][0]["gflop_per_img"] > 0
+    assert rec["command"].endswith(f"--presets digits-ect --out {out}")
+    assert sct.flops.main(["--presets", "digits-ect,nope"]) == 2          # checked before any counting
+    assert sct.flops.main(["--presets", "digits-ect", "--out", str(tmp_path / "no" / "f.json")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'nope'" in err and "does not exist" in err and "Traceback" not in err

@@ -100,6 +100,30 @@ class _InMemoryDataset(torch.utils.data.Dataset):
         return self._X, self._y
 
 
+class SyntheticImages(_InMemoryDataset):
+    """Random images on the uint8 grid (values k / 127.5 - 1), held in memory on ``device``: the data of the
+    benchmarks, which measure the training step, not a data pipeline. Labels are uniform over ``label_dim``
+    classes, or, with ``classes`` > 0, cycle through that many classes (n / classes images each, the layout
+    the class-restricted references need). Seeded: the same arguments give the same tensors."""
+
+    name = "synthetic"
+
+    def __init__(self, shape, n: int, label_dim: int = 0, device="cpu", classes: int = 0, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        X = torch.randint(0, 256, (n, *shape), generator=g).float() / 127.5 - 1
+        y = torch.arange(n) % classes if classes else torch.randint(0, max(label_dim, 1), (n,), generator=g)
+        super().__init__(X.to(device), y.to(device))
+        self.shape, self.label_dim = tuple(shape), label_dim
+
+    @classmethod
+    def for_config(cls, cfg, n: int, device=None, classes: int = 0) -> "SyntheticImages":
+        """A set shaped for ``cfg`` (a TrainConfig): its image shape and, for a conditional model, its labels."""
+        if device is None:  # the config's device, 'auto' resolved as the trainer resolves it
+            device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        return cls((cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution), n,
+                   cfg.net.label_dim if cfg.cond else 0, device, classes)
+
+
 class DigitsDataset(_InMemoryDataset):
     """sklearn's 1,797 labelled 8x8 digits as [-1, 1] images [1, R, R].
 

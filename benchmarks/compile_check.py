@@ -43,7 +43,10 @@ from sctlib.train import Trainer  # noqa: E402
 VARIANTS = {"eager": dict(compile=False, channels_last=False), "eager-again": dict(compile=False, channels_last=False),
             "compiled": dict(compile=True, channels_last=True),
             # the yardstick: the same eager step in TF32, i.e. how much the format's own rounding moves the numbers
-            "eager-tf32": dict(compile=False, channels_last=False, precision="tf32")}
+            "eager-tf32": dict(compile=False, channels_last=False, precision="tf32"),
+            # opt-in: PyTorch's fused Adam kernel instead of the multi-tensor one (Adam nets only; RAdam has none)
+            "fused-adam": {"compile": False, "channels_last": False, "optim.impl": "fused"}}
+DEFAULT_VARIANTS = ["eager", "eager-again", "compiled", "eager-tf32"]
 
 
 def _flat(net) -> torch.Tensor:
@@ -76,7 +79,7 @@ def compare(ref, other):
     (l0, g0, dw0), (l1, g1, dw1) = ref, other
     loss_rel = [abs(a - b) / max(abs(a), 1e-30) for a, b in zip(l0, l1)]
     rel = lambda a, b: float((b - a).norm() / a.norm().clamp(min=1e-30))
-    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
     return {"loss_rel_diff": loss_rel, "loss_rel_diff_max": max(loss_rel), "grad_rel_diff": rel(g0, g1),
             "grad_cosine": cos(g0, g1), "dw_rel_diff": rel(dw0, dw1), "dw_cosine": cos(dw0, dw1)}
 
@@ -90,7 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="bf16", help="the format of every variant (the presets' first format)")
     ap.add_argument("--dropout", type=float, default=0.0,
                     help="net.dropout of every variant (default 0: compiled dropout draws other masks than eager)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="a subset of " + ",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="a subset of " + ",".join(VARIANTS))
     ap.add_argument("--tiny", action="store_true", help="small networks, batch 8, fp32, on the CPU")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
@@ -114,20 +117,24 @@ def main(argv=None) -> int:
             for name, changes in ((n, VARIANTS[n]) for n in names):
                 if device == "cpu" and name == "eager-tf32":
                     changes = {**changes, "precision": "fp32"}  # no TF32 on a CPU: the yardstick is the floor there
+                if changes.get("optim.impl") == "fused" and base.optim.name != "adam":
+                    continue  # no fused RAdam
                 torch.manual_seed(0)
-                res[name] = run_variant(replace(base, **changes), args.steps, device)
+                res[name] = run_variant(C.override(base, **changes), args.steps, device)
             row = {"net": net, "task": task, "precision": base.precision, "steps": args.steps,
                    "batch": base.batch_size, "dropout": args.dropout, "loss_eager": res["eager"][0],
                    **{key: compare(res["eager"], res[name]) for key, name in
-                      (("floor", "eager-again"), ("compiled", "compiled"), ("tf32", "eager-tf32")) if name in res}}
+                      (("floor", "eager-again"), ("compiled", "compiled"), ("tf32", "eager-tf32"),
+                       ("fused_adam", "fused-adam")) if name in res}}
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'net':14s} {'task':5s} {'against eager':14s} {'loss rel':>9s} {'grad rel':>9s} {'grad cos':>10s} "
           f"{'dw rel':>9s} {'dw cos':>9s}")
     for r in rows:
-        for name in (n for n in ("floor", "tf32", "compiled") if n in r):
+        for name in (n for n in ("floor", "tf32", "compiled", "fused_adam") if n in r):
             c = r[name]
-            label = {"floor": "eager again", "tf32": "eager TF32", "compiled": "compiled + CL"}[name]
+            label = {"floor": "eager again", "tf32": "eager TF32", "compiled": "compiled + CL",
+                     "fused_adam": "fused Adam"}[name]
             print(f"{r['net']:14s} {r['task']:5s} {label:14s} {c['loss_rel_diff_max']:9.2e} {c['grad_rel_diff']:9.2e} "
                   f"{c['grad_cosine']:10.6f} {c['dw_rel_diff']:9.2e} {c['dw_cosine']:9.5f}")
     if args.out:

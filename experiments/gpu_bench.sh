@@ -9,6 +9,9 @@
 #   bash experiments/gpu_bench.sh sample      # one idle GPU: 1-step sampling rate for FID-50k
 #   bash experiments/gpu_bench.sh compile     # one idle GPU: compiled step vs eager (loss, gradient, update)
 #   bash experiments/gpu_bench.sh compile-cli # one idle GPU: the CLI with compile and channels-last
+#   bash experiments/gpu_bench.sh profile     # one idle GPU: where the step's time goes (eager bf16, compiled)
+#                                             # (PROFILE_NETS, PROFILE_VARIANTS pick the rows)
+#   bash experiments/gpu_bench.sh adam        # one idle GPU: fused vs multi-tensor Adam in the EDM2-S step
 #   bash experiments/gpu_bench.sh ddp         # every GPU of the host, nothing else running: the CLI on 1 and 2
 #                                             # processes (DDP efficiency at the same per-GPU batch)
 #
@@ -27,7 +30,7 @@ b() {  # b NAME SECONDS CMD...: run one benchmark, its table to NAME.txt, exit s
   local rc=$?  # before any $(...) in the message: a command substitution resets $?
   echo "$(date +%T) bench $name: exit $rc"
 }
-case "${1:?stage: exclusive | fused | sample | ddp | compile | compile-cli}" in
+case "${1:?stage: exclusive | fused | sample | ddp | compile | compile-cli | profile | adam}" in
 exclusive)
   nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv > "$RES/bench_gpu_state.txt" 2>&1
   # Issue 13: the reference pass alone (CIFAR-10 50,000 references; ImageNet-64 per class), float64 vs mixed.
@@ -68,13 +71,32 @@ ddp)
 compile)
   # Issue 12: does the compiled step keep eager's loss and gradients (dropout off: compiled dropout draws other
   # masks), against eager's own floor and eager TF32 as the yardstick? Both nets, SCT (~6 min: two compiles).
-  b bench_compile_check 420 $PY benchmarks/compile_check.py --tasks sct --steps 2 --out "$RES/bench_compile_check.json"
+  # fused-adam: the fused Adam kernel against the multi-tensor one (EDM2-S; DDPM++ trains with RAdam).
+  b bench_compile_check 420 $PY benchmarks/compile_check.py --tasks sct --steps 2 \
+      --variants eager,eager-again,compiled,eager-tf32,fused-adam --out "$RES/bench_compile_check.json"
+  ;;
+profile)
+  # Issue 12: where the step's time goes, per kernel category and per phase, eager bf16 and compiled (the
+  # compiled net as compile_check builds it - SCT, batch references, dropout 0 - so that one compile serves both).
+  for v in ${PROFILE_VARIANTS:-bf16 bf16+cl+compile}; do
+    b bench_profile_$v ${PROFILE_SECONDS:-330} $PY benchmarks/profile_step.py --nets ${PROFILE_NETS:-cifar10,imagenet64-s} \
+        --task sct --variant $v --extra net.dropout=0 --out "$RES/bench_profile_$v.json"
+  done
+  ;;
+adam)
+  # Issue 12: PyTorch's fused Adam kernel against its multi-tensor one in the EDM2-S step (eager bf16; the
+  # optimizer runs outside the compiled network, so the difference carries over to the compiled step).
+  b bench_throughput_adam 120 $PY benchmarks/train_throughput.py --nets imagenet64-s --tasks ect \
+      --variants bf16,bf16+fused-adam --steps 5 --rounds 4 --warmup 3 --out "$RES/bench_throughput_adam.json"
   ;;
 compile-cli)
-  # Issue 12: the CLI as a user runs it, with compile and channels-last (compile warm-up in the first tick).
+  # Issue 12: the CLI as a user runs it: the presets' defaults (compile + channels-last since 2026-11-29; compile
+  # warm-up in the first tick), then the same with eager NCHW.
   b bench_cli_compile 420 $PY benchmarks/cli_throughput.py --data "$DATA" --presets cifar10-ect,cifar10-sct --nproc 1 \
-      --ticks 5 --steps-per-tick 20 --extra compile=true channels_last=true --label "compile + channels-last" \
-      --out "$RES/bench_cli_compile.json"
+      --ticks 5 --steps-per-tick 20 --label "preset defaults (compile + channels-last)" --out "$RES/bench_cli_compile.json"
+  b bench_cli_eager 300 $PY benchmarks/cli_throughput.py --data "$DATA" --presets cifar10-ect,cifar10-sct --nproc 1 \
+      --ticks 5 --steps-per-tick 20 --extra compile=false channels_last=false --label "eager NCHW" \
+      --out "$RES/bench_cli_eager.json"
   ;;
 *) echo "unknown stage $1" >&2; exit 2 ;;
 esac

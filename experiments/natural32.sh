@@ -35,7 +35,9 @@ mkdir -p "$WORK" "$OUT"
 DATA=${DATA:-$WORK/natural-32.zip}  # another EDM zip may be named; setup builds the natural set only when it is missing
 
 # The network of the teacher and of every tuning run: a reduced DDPM++ (7.0M parameters; CIFAR-10's is 55.7M).
-NET=${NET:-"net.model_channels=64 net.channel_mult=1,2,2 net.num_blocks=2 net.attn_resolutions=16 net.dropout=0.1 net.label_dim=0 cond=false"}
+# Eager and NCHW as the committed runs ran (the paper presets compile on CUDA since 2026-11-29; compiled dropout
+# draws other masks than eager, so a compiled rerun would not repeat the recorded draws).
+NET=${NET:-"net.model_channels=64 net.channel_mult=1,2,2 net.num_blocks=2 net.attn_resolutions=16 net.dropout=0.1 net.label_dim=0 cond=false compile=false channels_last=false"}
 # Tuning budget and schedule: 3 ECT stages of 32k images (q = 2), EMA half-life 10k images, batch 128.
 TOTAL_NIMG=${TOTAL_NIMG:-96000}
 DOUBLE_NIMG=${DOUBLE_NIMG:-32000}

@@ -23,17 +23,32 @@ from torch import nn
 
 from sctlib.config import LossConfig
 from sctlib.networks.layers import record_dropout, replay_dropout
+from sctlib.progress import phase as _phase
 from sctlib.precond import as_sigma
 from sctlib.references import ReferenceSource, build_references
 from sctlib.schedules import (MAPPINGS, SCHEDULES, SMOOTH_ENDS, WEIGHTINGS, loss_weight, mapping_r,
                               sample_t_lognormal, stage_exponent)
 from sctlib.targets import REF_SOURCES, ect_target_point, sct_target_point
 
-__all__ = ["EDMLoss", "ECTLoss", "SCTLoss", "build_loss", "TASKS"]
+__all__ = ["EDMLoss", "ECTLoss", "SCTLoss", "build_loss", "TASKS", "noise_like"]
 
 TASKS = ("edm", "ect", "sct")
 
 Stats = Dict[str, torch.Tensor]
+
+
+def noise_like(x: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise of x's shape, drawn in the logical (NCHW) element order, then laid out as x.
+
+    ``torch.randn_like`` fills a channels-last tensor in its memory order, so the same seed would give other
+    noise per pixel under ``channels_last=true``: the training run would depend on the memory format, and
+    resuming or comparing runs across formats would not continue the same draws (found by
+    benchmarks/compile_check.py: compiled + channels-last had gradient cosine 0.974 against eager NCHW).
+    """
+    eps = torch.randn(x.shape, device=x.device, dtype=x.dtype)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        eps = eps.contiguous(memory_format=torch.channels_last)
+    return eps
 
 
 def _sum_sq(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +95,7 @@ class EDMLoss:
     def __call__(self, net: nn.Module, x0: torch.Tensor, labels=None, *, nimg: float) -> Tuple[torch.Tensor, Stats]:
         cfg = self.cfg
         t = sample_t_lognormal(x0.shape[0], cfg.P_mean, cfg.P_std, device=x0.device)
-        eps = torch.randn_like(x0)
+        eps = noise_like(x0)
         x_t = x0 + as_sigma(t, x0) * eps
         D_t = net(x_t, t, labels)
         r = torch.zeros_like(t)
@@ -168,7 +183,7 @@ class ECTLoss:
         cfg = self.cfg
         B = x0.shape[0]
         t = sample_t_lognormal(B, cfg.P_mean, cfg.P_std, device=x0.device)
-        eps = torch.randn_like(x0)
+        eps = noise_like(x0)
         a = self.stage(nimg)
         r = mapping_r(t, a, q=cfg.q, k=cfg.k, b=cfg.b, mapping=cfg.mapping)
         s = self._lower_edge(t)
@@ -178,17 +193,18 @@ class ECTLoss:
 
         x_t = x0 + as_sigma(t, x0) * eps
         stats: Stats = {}
-        x_r = self._target_point(x_t, t, r, x0, eps, labels, stats)
+        with _phase("target_point"):
+            x_r = self._target_point(x_t, t, r, x0, eps, labels, stats)
 
         # Student with grad; its dropout masks are recorded for the target pass.
-        with record_dropout(net):
+        with record_dropout(net), _phase("student"):
             f_t = self._phased(x_t, t, s, net(x_t, t, labels))
 
         # Target: same weights, no grad, same dropout masks (replayed, so the global RNG is untouched).
         # Rows with r == s_m get a safe sigma (t) and are then replaced by x_r: no log(0), no host sync.
         target_net = getattr(net, "module", net)
         r_safe = torch.where(at_edge, t, r)
-        with torch.no_grad(), replay_dropout(target_net):
+        with torch.no_grad(), replay_dropout(target_net), _phase("target"):
             f_r = self._phased(x_r, r_safe, s, target_net(x_r, r_safe, labels))
         target = torch.where(at_edge.reshape(B, *([1] * (x0.ndim - 1))), x_r, f_r).detach()
 

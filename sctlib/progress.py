@@ -3,6 +3,9 @@
 Text, not a widget: a line printed to stdout shows in a terminal, in a notebook cell, in papermill's
 output notebook and in its ``--log-output`` log alike (a tqdm widget stays at 0 % in a saved notebook).
 Lines are rate-limited (``every_s``), with the first and the last always printed.
+
+Also :func:`phase`, the named ranges of a training step that the PyTorch profiler sees
+(benchmarks/profile_step.py sums the kernel time launched inside each).
 """
 from __future__ import annotations
 
@@ -10,7 +13,14 @@ import sys
 import time
 from typing import Optional
 
-__all__ = ["TextProgress", "format_duration", "format_count", "iter_progress"]
+import torch
+
+__all__ = ["TextProgress", "format_duration", "format_count", "iter_progress", "phase"]
+
+
+def phase(name: str) -> "torch.profiler.record_function":
+    """A profiler range ``sctlib.step/<name>`` (a few microseconds when no profiler runs)."""
+    return torch.profiler.record_function(f"sctlib.step/{name}")
 
 
 def format_duration(seconds: float) -> str:

@@ -43,6 +43,7 @@ from .ema import EMA, PowerFunctionEMA
 from .losses import build_loss
 from .networks import build_network
 from .precision import PrecisionRule, autocast as precision_autocast, set_tf32
+from .progress import phase as _phase
 
 __all__ = [
     "train",
@@ -60,10 +61,11 @@ __all__ = [
 
 # Log-spaced t bins for the per-t target-variance log (ECT vs SCT: the paper's thesis, SCT Fig. 1).
 T_BIN_EDGES = tuple(float(x) for x in np.logspace(-3, 2, 11))
-# Keys that may change between a run and its resumption (they do not change the trajectory).
+# Keys that may change between a run and its resumption: they do not change the trajectory, except that compiled
+# code rounds differently and draws its own dropout masks (a run continues bit for bit only with its own setting).
 RESUMABLE_KEYS = {"total_nimg", "checkpoint_nimg", "keep_checkpoints", "sample_nimg", "tick_nimg", "workers",
                   "snapshot_fracs",
-                  "max_nonfinite_steps", "eval", "device", "compile", "cudnn_benchmark", "channels_last"}
+                  "max_nonfinite_steps", "eval", "device", "compile", "compile_mode", "cudnn_benchmark", "channels_last"}
 CKPT_RE = re.compile(r"^ckpt-(\d{12})\.safetensors$")
 
 
@@ -267,7 +269,8 @@ class Trainer:
         self.phema = PowerFunctionEMA(self.net, cfg.phema_stds) if cfg.phema_stds else None
         params = [p for p in self.net.parameters() if p.requires_grad]
         opt_cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[cfg.optim.name]
-        self.opt = opt_cls(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        impl = {"fused": True} if cfg.optim.impl == "fused" else {}  # {}: PyTorch's default, foreach on CUDA
+        self.opt = opt_cls(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, **impl)
         self.loss_fn = build_loss(cfg.loss, references=self._build_references())
         # The precision rule answers "which format now?" per step (sctlib.precision); a scaler exists
         # whenever some stage runs in fp16, so that its state is checkpointed across a switch.
@@ -284,8 +287,12 @@ class Trainer:
 
             self.ddp = DDP(self.net, device_ids=[self.device] if self.device.type == "cuda" else None,
                            broadcast_buffers=False)
-        if cfg.compile:
-            self.ddp = torch.compile(self.ddp)
+        if cfg.compile and self.device.type == "cuda":
+            # CUDA only: the presets compile by default, and on a CPU (tests, smoke runs) a compile costs minutes
+            # for steps that take seconds.
+            self.ddp = torch.compile(self.ddp, mode=cfg.compile_mode)
+        elif cfg.compile and self.rank == 0:
+            print(f"compile=true is applied on CUDA only; this run on {self.device.type} runs eager", flush=True)
 
         # Progress state.
         self.nimg = 0
@@ -790,29 +797,32 @@ class Trainer:
             if self.world > 1 and i < len(micro) - 1:
                 sync = self.ddp.no_sync()  # all-reduce only on the last micro-batch
             with sync:
-                with self._autocast():
+                with self._autocast(), _phase("loss"):
                     loss, stats = self.loss_fn(self.ddp, x0, labels, nimg=self.nimg)
                 # Mean over the global batch: DDP averages over processes, hence the factor world.
                 obj = loss.float().sum() * (self.world / cfg.batch_size)
-                if scaler is not None:
-                    scaler.scale(obj).backward()
-                else:
-                    obj.backward()
+                with _phase("backward"):
+                    if scaler is not None:
+                        scaler.scale(obj).backward()
+                    else:
+                        obj.backward()
             self._accumulate(loss, stats)
 
         params = [p for p in self.net.parameters() if p.grad is not None]
-        if scaler is not None:
-            scaler.unscale_(self.opt)
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params]))) \
-            if params else torch.zeros((), device=self.device)
-        finite = bool(torch.isfinite(norm))  # the one host sync per step: skip decisions need it
+        with _phase("grad_norm"):
+            if scaler is not None:
+                scaler.unscale_(self.opt)
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params]))) \
+                if params else torch.zeros((), device=self.device)
+            finite = bool(torch.isfinite(norm))  # the one host sync per step: skip decisions need it
         if finite:
             if cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            if scaler is not None:
-                scaler.step(self.opt)
-            else:
-                self.opt.step()
+            with _phase("optimizer"):
+                if scaler is not None:
+                    scaler.step(self.opt)
+                else:
+                    self.opt.step()
             self.consecutive_nonfinite = 0
         elif scaler is not None and scaler.get_scale() >= 1.0:
             # fp16 overflow while the scaler is still searching for its scale: an expected skip (the
@@ -834,10 +844,11 @@ class Trainer:
         self.step += 1
         if not finite and self.consecutive_nonfinite >= cfg.max_nonfinite_steps:
             raise NonFiniteError(self._nonfinite_message(step_nimg))
-        if self.ema:
-            self.ema.update(self.net, self.nimg, cfg.batch_size)
-        if self.phema:
-            self.phema.update(self.net, self.nimg, cfg.batch_size)
+        with _phase("ema"):
+            if self.ema:
+                self.ema.update(self.net, self.nimg, cfg.batch_size)
+            if self.phema:
+                self.phema.update(self.net, self.nimg, cfg.batch_size)
 
     def finish(self, wall_s: float, last_line: Optional[dict]) -> dict:
         meta = {"nimg": self.nimg, "git_sha": _git_sha(), "preset": self.cfg.name, "task": self.cfg.loss.task,

@@ -155,3 +155,32 @@ def test_compile_check_compares_loss_gradient_and_update_against_eager(tmp_path)
     assert row["dropout"] == 0.0 and len(row["loss_eager"]) == 2 and all(math.isfinite(v) for v in row["loss_eager"])
     assert row["floor"]["grad_rel_diff"] == 0.0 and "compiled" not in row  # the CPU is deterministic
     assert row["floor"]["grad_cosine"] == pytest.approx(1.0, abs=1e-6)     # a real gradient (all zeros: nan / 0)
+
+
+def test_profile_step_union_and_categories():
+    """benchmarks/profile_step.py: busy time is the union of kernel intervals (overlaps count once), kernel names
+    fall into the categories the book reports, and the ranges of the step are not counted as kernels."""
+    P = _bench_module("profile_step")
+    assert P.union_ms([(0, 1000), (500, 1500), (3000, 4000)]) == 2.5  # [0, 1500] + [3000, 4000] microseconds
+    assert P.union_ms([(0, 4000), (1000, 2000)]) == 4.0
+    assert P.union_ms([]) == 0.0
+    assert P.categorise("sm90_xmma_fprop_implicit_gemm_bf16bf16") == "conv / matmul"
+    assert P.categorise("triton_red_fused_native_group_norm_0") == "triton (compiled)"
+    assert P.categorise("pytorch_flash::flash_fwd_kernel") == "attention"
+    assert P.categorise("multi_tensor_apply_kernel<AdamFunctor>") == "optimizer"
+
+
+def test_profile_step_tiny_reports_the_phases_of_the_step(tmp_path):
+    """The CPU run (small nets): every marked phase of the SCT step shows up with time, the row's op time is
+    positive and the record is written."""
+    P = _bench_module("profile_step")
+    out = tmp_path / "profile.json"
+    assert P.main(["--tiny", "--nets", "cifar10", "--task", "sct", "--steps", "1", "--warmup", "1",
+                   "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    for phase in ("loss", "student", "target", "target_point", "grad_norm", "optimizer", "ema"):
+        assert row["phases_ms"].get(f"sctlib.step/{phase}", 0) > 0, phase
+    assert _finite_positive(row["kernel_ms_per_step"]) and _finite_positive(row["wall_ms_per_step"])
+    assert not any(t["name"].startswith(P.RANGE_PREFIXES) for t in row["top_kernels"])
+    with pytest.raises(SystemExit):
+        P.main(["--tiny", "--variant", "fp8"])

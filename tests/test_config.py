@@ -119,3 +119,23 @@ def test_every_sct_preset_uses_a_reference_set_that_averages():
                        ref_conditional=la.ref_conditional) == la, (a, b)
     cond = C.get_preset("cifar10-cond-sct")
     assert cond.cond and cond.net.label_dim == 10 and cond.init == "edm-cifar10-32x32-cond-vp.pkl"
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"optim.impl": "fused"}, "no fused RAdam"),            # digits-ect trains with RAdam
+    ({"optim.impl": "apex"}, "'foreach' or 'fused'"),
+    ({"compile_mode": "fastest"}, "reduce-overhead")])
+def test_optimizer_kernel_and_compile_mode_are_checked(changes, needle):
+    with pytest.raises(C.ConfigError) as e:
+        C.validate(C.override(C.get_preset("digits-ect"), **changes))
+    assert needle in str(e.value)
+    C.validate(C.override(C.get_preset("digits-edm"), **{"optim.impl": "fused"}))  # Adam has a fused kernel
+
+
+def test_paper_presets_compile_and_train_channels_last_by_default():
+    """issue 12: the presets themselves are the fast path (compile + channels-last, applied on CUDA only; the
+    compile check and the speed are in the config comment and the book). Embedded presets stay eager."""
+    for name, cfg in C.PRESETS.items():
+        paper = name.startswith(("cifar10-", "imagenet64-"))
+        assert (cfg.compile, cfg.channels_last) == ((True, True) if paper else (False, False)), name
+        assert cfg.compile_mode == "default" and cfg.optim.impl == "foreach", name

@@ -447,3 +447,30 @@ def test_sct_loss_matches_an_independent_float64_computation(conditional, schedu
     ref.sum().backward()
     for a, b in zip(grads, [p.grad for p in net.parameters()]):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("task", ["edm", "ect", "sct"])
+def test_loss_and_gradient_do_not_depend_on_the_memory_format(task):
+    """The same seed gives the same noise per pixel whether the batch is NCHW or channels-last (the presets
+    train channels-last on CUDA): torch.randn_like would fill a channels-last tensor in memory order."""
+    from sctlib.config import NetConfig
+    from sctlib.networks import build_network
+
+    net_cfg = NetConfig(arch="ddpmpp", img_resolution=8, img_channels=3, model_channels=16, channel_mult=(1, 1),
+                        num_blocks=1, attn_resolutions=(), dropout=0.0)
+    cfg = LossConfig(task=task, double_nimg=DOUBLE, ref_source="batch")
+    x0 = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 0.5
+    out = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        net = build_network(net_cfg).train()
+        x = x0.contiguous(memory_format=torch.channels_last) if channels_last else x0
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        torch.manual_seed(1)
+        loss, _ = build_loss(cfg)(net, x, None, nimg=1.5 * DOUBLE)
+        loss.sum().backward()
+        out.append((loss.detach(), torch.cat([p.grad.reshape(-1) for p in net.parameters() if p.grad is not None])))
+    (l0, g0), (l1, g1) = out
+    assert torch.allclose(l0, l1, rtol=1e-5), (l0, l1)
+    assert float((g0 - g1).norm() / g0.norm()) < 1e-4

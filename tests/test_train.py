@@ -345,3 +345,23 @@ def test_a_phased_model_is_sampled_phased_and_scores_better_that_way(tmp_path, m
     assert phased["swd_3step"] < 0.5 * raw["swd_1step"]
     with pytest.raises(ValueError, match="3 phases"):
         sample(model, torch.randn(4, 2), steps=1)
+
+
+def test_compile_is_skipped_on_cpu_and_fused_adam_follows_the_same_rule(tmp_path, capsys):
+    """compile=true runs eager on a CPU (said once); optim.impl='fused' takes PyTorch's fused Adam kernel, whose
+    steps agree with the default kernel to float32 rounding."""
+    from sctlib.train import Trainer
+
+    base = C.override(C.get_preset("digits-edm"), **C.parse_overrides(
+        ["total_nimg=1024", "batch_size=64", "device=cpu", "compile=true", "ema_halflife_nimg=0"]))
+    weights = {}
+    for impl in ("foreach", "fused"):
+        tr = Trainer(C.override(base, **{"optim.impl": impl}), tmp_path / impl, progress=False)
+        assert tr.ddp is tr.net  # not compiled on the CPU
+        assert tr.opt.defaults.get("fused") is (True if impl == "fused" else None)
+        for _ in range(4):
+            tr.train_step()
+        weights[impl] = torch.cat([p.detach().reshape(-1) for p in tr.net.parameters()])
+    assert "applied on CUDA only" in capsys.readouterr().out
+    diff = float((weights["fused"] - weights["foreach"]).abs().max())
+    assert 0 <= diff < 1e-5, diff

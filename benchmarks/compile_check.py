@@ -45,7 +45,9 @@ VARIANTS = {"eager": dict(compile=False, channels_last=False), "eager-again": di
             # the yardstick: the same eager step in TF32, i.e. how much the format's own rounding moves the numbers
             "eager-tf32": dict(compile=False, channels_last=False, precision="tf32"),
             # opt-in: PyTorch's fused Adam kernel instead of the multi-tensor one (Adam nets only; RAdam has none)
-            "fused-adam": {"compile": False, "channels_last": False, "optim.impl": "fused"}}
+            "fused-adam": {"compile": False, "channels_last": False, "optim.impl": "fused"},
+            # opt-in: the compiled step replayed as CUDA graphs
+            "cudagraphs": {"compile": True, "channels_last": True, "compile_mode": "reduce-overhead"}}
 DEFAULT_VARIANTS = ["eager", "eager-again", "compiled", "eager-tf32"]
 
 
@@ -125,16 +127,16 @@ def main(argv=None) -> int:
                    "batch": base.batch_size, "dropout": args.dropout, "loss_eager": res["eager"][0],
                    **{key: compare(res["eager"], res[name]) for key, name in
                       (("floor", "eager-again"), ("compiled", "compiled"), ("tf32", "eager-tf32"),
-                       ("fused_adam", "fused-adam")) if name in res}}
+                       ("fused_adam", "fused-adam"), ("cudagraphs", "cudagraphs")) if name in res}}
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'net':14s} {'task':5s} {'against eager':14s} {'loss rel':>9s} {'grad rel':>9s} {'grad cos':>10s} "
           f"{'dw rel':>9s} {'dw cos':>9s}")
     for r in rows:
-        for name in (n for n in ("floor", "tf32", "compiled", "fused_adam") if n in r):
+        for name in (n for n in ("floor", "tf32", "compiled", "fused_adam", "cudagraphs") if n in r):
             c = r[name]
             label = {"floor": "eager again", "tf32": "eager TF32", "compiled": "compiled + CL",
-                     "fused_adam": "fused Adam"}[name]
+                     "fused_adam": "fused Adam", "cudagraphs": "CUDA graphs"}[name]
             print(f"{r['net']:14s} {r['task']:5s} {label:14s} {c['loss_rel_diff_max']:9.2e} {c['grad_rel_diff']:9.2e} "
                   f"{c['grad_cosine']:10.6f} {c['dw_rel_diff']:9.2e} {c['dw_cosine']:9.5f}")
     if args.out:

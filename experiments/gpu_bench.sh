@@ -12,6 +12,7 @@
 #   bash experiments/gpu_bench.sh profile     # one idle GPU: where the step's time goes (eager bf16, compiled)
 #                                             # (PROFILE_NETS, PROFILE_VARIANTS pick the rows)
 #   bash experiments/gpu_bench.sh adam        # one idle GPU: fused vs multi-tensor Adam in the EDM2-S step
+#   bash experiments/gpu_bench.sh cudagraphs  # one idle GPU: the compiled DDPM++ step as CUDA graphs (speed, numbers)
 #   bash experiments/gpu_bench.sh ddp         # every GPU of the host, nothing else running: the CLI on 1 and 2
 #                                             # processes (DDP efficiency at the same per-GPU batch)
 #
@@ -30,7 +31,7 @@ b() {  # b NAME SECONDS CMD...: run one benchmark, its table to NAME.txt, exit s
   local rc=$?  # before any $(...) in the message: a command substitution resets $?
   echo "$(date +%T) bench $name: exit $rc"
 }
-case "${1:?stage: exclusive | fused | sample | ddp | compile | compile-cli | profile | adam}" in
+case "${1:?stage: exclusive | fused | sample | ddp | compile | compile-cli | profile | adam | cudagraphs}" in
 exclusive)
   nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv > "$RES/bench_gpu_state.txt" 2>&1
   # Issue 13: the reference pass alone (CIFAR-10 50,000 references; ImageNet-64 per class), float64 vs mixed.
@@ -88,6 +89,16 @@ adam)
   # optimizer runs outside the compiled network, so the difference carries over to the compiled step).
   b bench_throughput_adam 120 $PY benchmarks/train_throughput.py --nets imagenet64-s --tasks ect \
       --variants bf16,bf16+fused-adam --steps 5 --rounds 4 --warmup 3 --out "$RES/bench_throughput_adam.json"
+  ;;
+cudagraphs)
+  # Issue 12: compiled DDPM++ runs kernels 78 of its 107 ms (book/results/h200_profile_step.json); CUDA graphs
+  # (compile_mode=reduce-overhead) take the host out of the step. Speed interleaved with the default compile, then
+  # the numbers against eager (~8 min: three compiles of DDPM++).
+  b bench_throughput_cudagraphs 300 $PY benchmarks/train_throughput.py --nets cifar10 --tasks ect,sct \
+      --variants bf16+cl+compile,bf16+cl+compile+cudagraphs --steps 10 --rounds 4 --warmup 5 \
+      --out "$RES/bench_throughput_cudagraphs.json"
+  b bench_compile_check_cudagraphs 240 $PY benchmarks/compile_check.py --nets cifar10 --tasks sct --steps 2 \
+      --variants eager,cudagraphs --out "$RES/bench_compile_check_cudagraphs.json"
   ;;
 compile-cli)
   # Issue 12: the CLI as a user runs it: the presets' defaults (compile + channels-last since 2026-11-29; compile

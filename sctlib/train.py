@@ -114,6 +114,12 @@ class IndexStream:
 # ------------------------------------------------------------------------------------------------
 # Distributed set-up.
 
+def uses_cudagraphs(cfg: TrainConfig, device_type: str) -> bool:
+    """Whether the trainer's compiled network replays CUDA graphs: compiled on CUDA in a mode that uses them
+    ('reduce-overhead', 'max-autotune'; torch.compile's docstring). Each step is then marked as a new generation."""
+    return bool(cfg.compile) and device_type == "cuda" and cfg.compile_mode in ("reduce-overhead", "max-autotune")
+
+
 def _dist_env():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -293,6 +299,9 @@ class Trainer:
             self.ddp = torch.compile(self.ddp, mode=cfg.compile_mode)
         elif cfg.compile and self.rank == 0:
             print(f"compile=true is applied on CUDA only; this run on {self.device.type} runs eager", flush=True)
+        # CUDA graphs (the modes 'reduce-overhead' and 'max-autotune') replay into fixed buffers: each step is
+        # marked as a new generation, so that the previous step's outputs may be overwritten.
+        self._cudagraphs = uses_cudagraphs(cfg, self.device.type)
 
         # Progress state.
         self.nimg = 0
@@ -787,6 +796,8 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         scaler = self.scaler if self._select_format() == "fp16" else None  # idle outside fp16 stages
         micro = list(self._microbatches())
         for i, (offset, x0, labels) in enumerate(micro):

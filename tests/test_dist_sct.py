@@ -60,7 +60,7 @@ WORKER = COMMON + textwrap.dedent("""
     ref, ref_labels = gather_references(x0[mine], labels[mine], "all")
     # The loss draws t and eps for its local rows; hand it the global draws of those rows.
     L.sample_t_lognormal = lambda *a, **k: t[mine].clone()
-    torch.randn_like = lambda x, *a, **k: eps[mine].clone()
+    L.noise_like = lambda x: eps[mine].clone()
     loss_fn = L.SCTLoss(LossConfig(task="sct", ref_source="all", P_mean=0.5, q=2.0, double_nimg=1000))
     loss, st = loss_fn(net, x0[mine], torch.eye(3)[labels[mine]], nimg=0)
     torch.save({"ref": ref, "ref_labels": ref_labels, "loss": loss.detach(), "ess": st["ess"],
@@ -97,7 +97,7 @@ def test_all_references_are_the_global_batch_and_the_loss_matches_one_process(tm
     import sctlib.losses as L
 
     monkeypatch.setattr(L, "sample_t_lognormal", lambda *a, **k: t.clone())
-    monkeypatch.setattr(torch, "randn_like", lambda x, *a, **k: eps.clone())
+    monkeypatch.setattr(L, "noise_like", lambda x: eps.clone())
     loss_fn = SCTLoss(LossConfig(task="sct", ref_source="batch", P_mean=0.5, q=2.0, double_nimg=1000))
     loss, st = loss_fn(net, x0, torch.eye(3)[labels], nimg=0)
     got = torch.cat([r["loss"] for r in res])

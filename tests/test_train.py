@@ -365,3 +365,14 @@ def test_compile_is_skipped_on_cpu_and_fused_adam_follows_the_same_rule(tmp_path
     assert "applied on CUDA only" in capsys.readouterr().out
     diff = float((weights["fused"] - weights["foreach"]).abs().max())
     assert 0 <= diff < 1e-5, diff
+
+
+def test_cuda_graph_modes_are_recognised():
+    """The step marks a new CUDA-graph generation exactly when the compiled network replays graphs (CUDA only)."""
+    cfg = C.get_preset("cifar10-sct")
+    assert not T.uses_cudagraphs(cfg, "cuda")                                  # compile mode 'default'
+    assert T.uses_cudagraphs(C.override(cfg, compile_mode="reduce-overhead"), "cuda")
+    assert T.uses_cudagraphs(C.override(cfg, compile_mode="max-autotune"), "cuda")
+    assert not T.uses_cudagraphs(C.override(cfg, compile_mode="max-autotune-no-cudagraphs"), "cuda")
+    assert not T.uses_cudagraphs(C.override(cfg, compile_mode="reduce-overhead"), "cpu")
+    assert not T.uses_cudagraphs(C.override(cfg, compile=False, compile_mode="reduce-overhead"), "cuda")

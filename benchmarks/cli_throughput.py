@@ -11,7 +11,7 @@ loading, the preset's defaults, EMA, tick bookkeeping, DDP) and reports, per pre
   overrides, measured in the same invocation), at the same per-GPU batch (``--batch-gpu``).
 
     python benchmarks/cli_throughput.py --data natural-32.zip --presets cifar10-ect,cifar10-sct --nproc 1,2
-    python benchmarks/cli_throughput.py --data natural-32.zip --presets cifar10-ect --extra compile=true channels_last=true
+    python benchmarks/cli_throughput.py --data natural-32.zip --presets cifar10-ect --extra compile=false channels_last=false  # eager
     python benchmarks/cli_throughput.py --tiny        # CPU plumbing check on a small written zip (gloo for nproc 2)
 """
 from __future__ import annotations

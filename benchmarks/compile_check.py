@@ -1,14 +1,16 @@
 """Does `torch.compile` + channels-last change the numbers it speeds up? (issue 12: a speed-up ships only with
 a check that the loss and gradients stay where they were.)
 
-For each network (DDPM++ at CIFAR-10 shape, EDM2-S at ImageNet-64 shape) and each task (ECT, SCT), three
-Trainers start from the same weights and seed and take the same `train_step`s on the same synthetic batch
-(so the same t, r, noise and references: seeds derive from (seed, rank, images seen)):
+For each network (DDPM++ at CIFAR-10 shape, EDM2-S at ImageNet-64 shape) and each task (ECT, SCT), Trainers start
+from the same weights and seed and take the same `train_step`s on the same synthetic batch (so the same t, r,
+noise and references: seeds derive from (seed, rank, images seen)), one per variant:
 
-* ``eager``      - the reference (bf16 autocast, the presets' first format; no compile, NCHW),
+* ``eager``       - the reference (bf16 autocast, the presets' first format; no compile, NCHW),
 * ``eager-again`` - the same again: the noise floor of the GPU itself (cuDNN / atomics are not bit-exact),
-* ``compiled``   - `compile=true channels_last=true`,
-* ``eager-tf32``  - the eager step in TF32: the yardstick of what the format's own rounding does.
+* ``compiled``    - `compile=true channels_last=true` (the paper presets' default on CUDA),
+* ``eager-tf32``  - the eager step in TF32: the yardstick of what the format's own rounding does;
+* opt-in: ``eager-fp32`` (the exact reference: with it every variant is also compared with fp32), ``fused-adam``
+  (PyTorch's fused Adam kernel; Adam nets only), ``cudagraphs`` (compiled with ``compile_mode=reduce-overhead``).
 
 It compares with ``eager``: the loss of every step, the whole parameter gradient of the first step (same
 weights in every variant: relative difference and cosine), and the weight change after the last step (Adam
@@ -16,13 +18,17 @@ turns tiny gradient differences into sign flips of whole updates, so this one is
 step is as exact as the format when its differences are no larger than eager-tf32's (printed, not asserted:
 fused kernels round bf16 intermediates differently by design).
 
-Dropout is off by default (``--dropout 0``). In the first H200 run, with the CIFAR-10 preset's dropout 0.2,
-the compiled step's first gradient had cosine 0.974 against eager while eager in TF32 had 0.999995: compiled
-code draws dropout masks from Inductor's own random stream, the likely cause (two paths training on
-different masks), which this default removes so that the comparison is about arithmetic.
+``--stage A`` starts at nimg = A x double_nimg. At stage 0 ECT's r is 0 and the target is the data point, so only
+from stage 1 on does the target pass run the network.
+
+Dropout is off by default (``--dropout 0``): compiled code draws its dropout masks from Inductor's own random
+stream (same distribution, other masks). The first H200 run's gradient cosine of 0.974 was not dropout, though:
+it was the same with dropout 0. Its cause was `torch.randn_like`, which fills a channels-last batch in memory
+order, so the channels-last variant trained on other noise per pixel (fixed: `sctlib.losses.noise_like`).
 
     python benchmarks/compile_check.py --out compile_check.json      # on a GPU (a few minutes: two compiles)
-    python benchmarks/compile_check.py --tiny                        # small networks on the CPU (logic check)
+    python benchmarks/compile_check.py --tiny                        # small networks on the CPU (logic check;
+                                                                     # the Trainer compiles on CUDA only)
 """
 from __future__ import annotations
 
@@ -44,6 +50,8 @@ VARIANTS = {"eager": dict(compile=False, channels_last=False), "eager-again": di
             "compiled": dict(compile=True, channels_last=True),
             # the yardstick: the same eager step in TF32, i.e. how much the format's own rounding moves the numbers
             "eager-tf32": dict(compile=False, channels_last=False, precision="tf32"),
+            # opt-in: the exact reference (fp32, TF32 off); with it every variant is also compared with fp32
+            "eager-fp32": dict(compile=False, channels_last=False, precision="fp32"),
             # opt-in: PyTorch's fused Adam kernel instead of the multi-tensor one (Adam nets only; RAdam has none)
             "fused-adam": {"compile": False, "channels_last": False, "optim.impl": "fused"},
             # opt-in: the compiled step replayed as CUDA graphs
@@ -55,11 +63,12 @@ def _flat(net) -> torch.Tensor:
     return torch.cat([p.detach().float().reshape(-1) for p in net.parameters()])
 
 
-def run_variant(cfg, steps: int, device: str):
-    """Losses per step and the total weight change of one Trainer."""
+def run_variant(cfg, steps: int, device: str, start_nimg: int = 0):
+    """Losses per step and the total weight change of one Trainer, its first step at ``start_nimg`` images."""
     ds = SyntheticImages.for_config(cfg, 4 * cfg.batch_size, device)
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(cfg, tmp, progress=False, dataset=ds)
+        tr.nimg = start_nimg  # the stage (and the learning rate) of that point of the schedule
         w0 = _flat(tr.net)
         losses, g1 = [], None
         for _ in range(steps):
@@ -91,6 +100,9 @@ def main(argv=None) -> int:
     ap.add_argument("--nets", default="cifar10,imagenet64-s")
     ap.add_argument("--tasks", default="ect,sct")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--stage", type=float, default=0.0,
+                    help="start at stage exponent a (nimg = a x double_nimg): from a >= 1 the target pass runs the "
+                         "network (at a = 0 ECT's r is 0 and the target is the data point)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--precision", default="bf16", help="the format of every variant (the presets' first format)")
     ap.add_argument("--dropout", type=float, default=0.0,
@@ -122,12 +134,17 @@ def main(argv=None) -> int:
                 if changes.get("optim.impl") == "fused" and base.optim.name != "adam":
                     continue  # no fused RAdam
                 torch.manual_seed(0)
-                res[name] = run_variant(C.override(base, **changes), args.steps, device)
-            row = {"net": net, "task": task, "precision": base.precision, "steps": args.steps,
+                res[name] = run_variant(C.override(base, **changes), args.steps, device,
+                                        int(args.stage * base.loss.double_nimg))
+            if "eager-fp32" in res:  # every variant against the exact reference as well
+                row_fp32 = {n: compare(res["eager-fp32"], v) for n, v in res.items() if n != "eager-fp32"}
+            row = {"net": net, "task": task, "precision": base.precision, "steps": args.steps, "stage": args.stage,
                    "batch": base.batch_size, "dropout": args.dropout, "loss_eager": res["eager"][0],
                    **{key: compare(res["eager"], res[name]) for key, name in
                       (("floor", "eager-again"), ("compiled", "compiled"), ("tf32", "eager-tf32"),
                        ("fused_adam", "fused-adam"), ("cudagraphs", "cudagraphs")) if name in res}}
+            if "eager-fp32" in res:
+                row["vs_fp32"] = row_fp32
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'net':14s} {'task':5s} {'against eager':14s} {'loss rel':>9s} {'grad rel':>9s} {'grad cos':>10s} "
@@ -139,6 +156,10 @@ def main(argv=None) -> int:
                      "fused_adam": "fused Adam", "cudagraphs": "CUDA graphs"}[name]
             print(f"{r['net']:14s} {r['task']:5s} {label:14s} {c['loss_rel_diff_max']:9.2e} {c['grad_rel_diff']:9.2e} "
                   f"{c['grad_cosine']:10.6f} {c['dw_rel_diff']:9.2e} {c['dw_cosine']:9.5f}")
+    for r in (r for r in rows if "vs_fp32" in r):
+        for name, c in r["vs_fp32"].items():
+            print(f"{r['net']:14s} {r['task']:5s} {name + ' vs fp32':22s} {c['loss_rel_diff_max']:9.2e} "
+                  f"{c['grad_rel_diff']:9.2e} {c['grad_cosine']:10.6f} {c['dw_rel_diff']:9.2e} {c['dw_cosine']:9.5f}")
     if args.out:
         meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                 "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}

@@ -8,8 +8,9 @@ benchmarks/train_throughput.py), warms it up, then profiles ``--steps`` steps an
   sync, Python). The profiler itself slows the host, so ``busy`` is a lower bound for an unprofiled step;
 * kernel time by category (convolution / matrix multiply, attention, Triton-generated, elementwise,
   normalisation and reductions, optimizer, copies, other), matched on the kernel names;
-* kernel time by phase of the step: the ranges the trainer and losses mark with ``torch.profiler.record_function``
-  (``sctlib.step/...``; kernels launched inside a range count for it: the backward pass runs in its own range);
+* the GPU span of each phase the trainer and losses mark (``sctlib.progress.phase``: loss, student, target,
+  target_point, grad_norm, optimizer, ema): from its first to its last kernel, idle gaps included; the backward
+  pass is not a phase (on CUDA autograd runs it on its own thread);
 * the top kernels by total time.
 
     python benchmarks/profile_step.py --nets cifar10,imagenet64-s --variant bf16+cl+compile --out profile.json
@@ -35,10 +36,10 @@ from sctlib import config as C  # noqa: E402
 
 # First match wins: (category, regex on the kernel name, case-insensitive).
 CATEGORIES = [
+    ("triton (compiled)", r"^triton_"),  # first: Inductor names fused kernels after their ops ("convolution", ...)
     ("attention", r"flash|fmha|attention|sdpa"),
     ("conv / matmul", r"gemm|conv|cutlass|sm90_|sm80_|xmma|implicit|wgrad|dgrad|cudnn|nvjet|cublas"),
     ("optimizer", r"adam|multi_tensor|foreach|lerp"),
-    ("triton (compiled)", r"^triton_"),
     ("norm / reduce", r"norm|reduce|welford|softmax|sum_|mean"),
     ("copy / layout", r"copy|memcpy|memset|transpose|permute|cat|nchw|nhwc|fill"),
     ("elementwise", r"elementwise|vectorized|unrolled|where|add|mul|silu|sigmoid|dropout|rand|philox"),
@@ -146,9 +147,14 @@ def main(argv=None) -> int:
                                    ref_source="batch" if args.task == "sct" else cfg.loss.ref_source))
         if args.tiny:
             cfg = C.override(cfg, **{"net.model_channels": 32, "net.num_blocks": 1}, batch_size=8)
-        extra = {**TT.VARIANT_EXTRA.get(args.variant, {}), **dict(kv.split("=", 1) for kv in args.extra)}
-        if extra:
-            cfg = C.override(cfg, **extra)
+        try:
+            extra = {**TT.VARIANT_EXTRA.get(args.variant, {}), **C.parse_overrides(args.extra)}
+            if extra.get("optim.impl") == "fused" and cfg.optim.name != "adam":
+                print(f"# skipping {net}: {cfg.optim.name} has no fused kernel", flush=True)
+                continue
+            cfg = C.validate(C.override(cfg, **extra)) if extra else cfg
+        except C.ConfigError as exc:
+            ap.error(str(exc))
         bench = TT.Bench(cfg, args.warmup, device)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         bench.sync()

@@ -13,6 +13,7 @@
 #                                             # (PROFILE_NETS, PROFILE_VARIANTS pick the rows)
 #   bash experiments/gpu_bench.sh adam        # one idle GPU: fused vs multi-tensor Adam in the EDM2-S step
 #   bash experiments/gpu_bench.sh cudagraphs  # one idle GPU: the compiled DDPM++ step as CUDA graphs (speed, numbers)
+#   bash experiments/gpu_bench.sh compile-late # one idle GPU: the compile check at stage 3, where the target pass runs
 #   bash experiments/gpu_bench.sh ddp         # every GPU of the host, nothing else running: the CLI on 1 and 2
 #                                             # processes (DDP efficiency at the same per-GPU batch)
 #
@@ -31,7 +32,7 @@ b() {  # b NAME SECONDS CMD...: run one benchmark, its table to NAME.txt, exit s
   local rc=$?  # before any $(...) in the message: a command substitution resets $?
   echo "$(date +%T) bench $name: exit $rc"
 }
-case "${1:?stage: exclusive | fused | sample | ddp | compile | compile-cli | profile | adam | cudagraphs}" in
+case "${1:?stage: exclusive | fused | sample | ddp | compile | compile-late | compile-cli | profile | adam | cudagraphs}" in
 exclusive)
   nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv > "$RES/bench_gpu_state.txt" 2>&1
   # Issue 13: the reference pass alone (CIFAR-10 50,000 references; ImageNet-64 per class), float64 vs mixed.
@@ -76,6 +77,12 @@ compile)
   b bench_compile_check 420 $PY benchmarks/compile_check.py --tasks sct --steps 2 \
       --variants eager,eager-again,compiled,eager-tf32,fused-adam --out "$RES/bench_compile_check.json"
   ;;
+compile-late)
+  # Issue 12: the compile check above starts at stage 0, where ECT's target is the data point; at stage 3 the target
+  # pass runs the network, and every variant is also compared with eager fp32 (TF32 off), the exact reference.
+  b bench_compile_check_late 480 $PY benchmarks/compile_check.py --tasks sct --steps 2 --stage 3 \
+      --variants eager,compiled,eager-tf32,eager-fp32 --out "$RES/bench_compile_check_late.json"
+  ;;
 profile)
   # Issue 12: where the step's time goes, per kernel category and per phase, eager bf16 and compiled (the
   # compiled net as compile_check builds it - SCT, batch references, dropout 0 - so that one compile serves both).
@@ -91,7 +98,7 @@ adam)
       --variants bf16,bf16+fused-adam --steps 5 --rounds 4 --warmup 3 --out "$RES/bench_throughput_adam.json"
   ;;
 cudagraphs)
-  # Issue 12: compiled DDPM++ runs kernels 78 of its 107 ms (book/results/h200_profile_step.json); CUDA graphs
+  # Issue 12: compiled DDPM++ SCT runs kernels 78 of its 111 ms (book/results/h200_profile_step.json); CUDA graphs
   # (compile_mode=reduce-overhead) take the host out of the step. Speed interleaved with the default compile, then
   # the numbers against eager (~8 min: three compiles of DDPM++).
   b bench_throughput_cudagraphs 300 $PY benchmarks/train_throughput.py --nets cifar10 --tasks ect,sct \

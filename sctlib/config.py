@@ -110,7 +110,8 @@ class OptimConfig:
     lr_rampup_nimg: int = 0                    # linear warm-up length in images
     grad_clip: float = 0.0                     # max global grad norm; 0 = off (as in ECT)
     # 'foreach' (PyTorch's multi-tensor kernels) | 'fused' (one fused kernel per group; Adam only: PyTorch has no
-    # fused RAdam). Same update rule; the fused kernel rounds in another order (benchmarks/compile_check.py).
+    # fused RAdam). Same update rule, other rounding order. On EDM2-S it was not faster (280.3 vs 279.4 img/s,
+    # benchmarks/results/h200_throughput_fused_adam.json), so 'foreach' stays the default.
     impl: str = "foreach"
 
 
@@ -284,12 +285,13 @@ for _name in [n for n in PRESETS if n.startswith(("cifar10-", "imagenet64-"))]:
     PRESETS[_name] = replace(PRESETS[_name],
                              precision=f"auto,tf32@stage>={PRECISION_SWITCH_STAGE[_name.split('-')[0]]:g}")
 # Speed (issue 12): the paper presets compile the network (torch.compile, applied on CUDA only) and keep activations
-# and weights channels-last. Measured on one H200, batch 128, bf16 (benchmarks/results/h200_cifar10.json,
-# h200_imagenet64_s_compile_f64_logits.json): DDPM++ ECT 1,194 img/s against 694 eager NCHW, EDM2-S 480 against 279;
-# through the CLI (cifar10-sct) 750 against 475 img/s (h200_cli_compile_vs_eager.json). Compiled + channels-last
-# changes no number beyond the format's own rounding (benchmarks/compile_check.py, first step against eager NCHW
-# bf16, dropout 0; benchmarks/results/h200_compile_check.json): DDPM++ SCT loss 4.6e-8, gradient 1.2e-3, update
-# 1.0e-3 relative, all below eager TF32's 8.8e-8 / 3.4e-3 / 3.2e-3; EDM2-S SCT loss 7.4e-8 and update 1.17e-3
+# and weights channels-last. Measured on one H200, batch 128, bf16 ECT step (book/results/throughput.json): DDPM++
+# 1,194 img/s against 753 eager NCHW in the same run (benchmarks/results/h200_cifar10.json), EDM2-S 480 against
+# 288 (h200_imagenet64_s_ect_and_partial_sct.jsonl, h200_imagenet64_s_compile_f64_logits.json); through the CLI
+# (cifar10-sct) 750 against 475 img/s (h200_cli_compile_vs_eager.json). Compiled + channels-last changes no number
+# beyond the format's own rounding (benchmarks/compile_check.py against eager NCHW bf16, dropout 0, two SCT steps:
+# largest loss difference, first gradient, update after both; benchmarks/results/h200_compile_check.json): DDPM++
+# loss 4.6e-8, gradient 1.2e-3, update 1.0e-3 relative, all below eager TF32's 8.8e-8 / 3.4e-3 / 3.2e-3; EDM2-S loss 7.4e-8 and update 1.17e-3
 # against TF32's 7.7e-8 and 1.14e-3, its raw first gradient 1.7e-2 against 2.5e-3 (cosine 1.000000 in both: a
 # difference along the gradient, which Adam's normalised update does not see). With dropout on, compiled code draws
 # its own masks (same distribution; a run resumes exactly only with the same compile setting).

@@ -666,14 +666,12 @@ class Trainer:
     def _write_config(self) -> None:
         path = self.run_dir / "config.json"
         resolved = config_mod.to_dict(self.cfg)
-        if path.exists():
-            old = json.loads(path.read_text()).get("config", {})
-            diff = sorted(k for k in set(old) | set(resolved)
-                          if old.get(k) != resolved.get(k) and k not in RESUMABLE_KEYS)
-            if diff and latest_checkpoint(self._ckpt_dir()) is not None and not self.allow_config_change:
-                raise ConfigError(
-                    f"{self.run_dir} holds a run with a different config (keys {diff}); resume with the same "
-                    f"settings or use a new --run-dir")
+        if path.exists() and latest_checkpoint(self._ckpt_dir()) is not None and not self.allow_config_change:
+            # The same rule as the checkpoint's own config check: a setting added to sctlib after the run started
+            # is unchanged when it has its default (runs from before optim.impl / compile_mode resume).
+            rundir.compare_configs(json.loads(path.read_text()).get("config", {}), resolved,
+                                   resumable=RESUMABLE_KEYS, allow_change=False, where=str(self.run_dir),
+                                   defaults=config_mod.to_dict(TrainConfig()))
         record = {
             "config": resolved,
             "git_sha": _git_sha(),
@@ -812,11 +810,11 @@ class Trainer:
                     loss, stats = self.loss_fn(self.ddp, x0, labels, nimg=self.nimg)
                 # Mean over the global batch: DDP averages over processes, hence the factor world.
                 obj = loss.float().sum() * (self.world / cfg.batch_size)
-                with _phase("backward"):
-                    if scaler is not None:
-                        scaler.scale(obj).backward()
-                    else:
-                        obj.backward()
+                # (no profiler range here: on CUDA autograd runs the backward pass on its own thread, outside it)
+                if scaler is not None:
+                    scaler.scale(obj).backward()
+                else:
+                    obj.backward()
             self._accumulate(loss, stats)
 
         params = [p for p in self.net.parameters() if p.grad is not None]

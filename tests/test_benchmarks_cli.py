@@ -166,6 +166,7 @@ def test_profile_step_union_and_categories():
     assert P.union_ms([]) == 0.0
     assert P.categorise("sm90_xmma_fprop_implicit_gemm_bf16bf16") == "conv / matmul"
     assert P.categorise("triton_red_fused_native_group_norm_0") == "triton (compiled)"
+    assert P.categorise("triton_poi_fused__to_copy_convolution_silu_80") == "triton (compiled)"  # not a cuDNN conv
     assert P.categorise("pytorch_flash::flash_fwd_kernel") == "attention"
     assert P.categorise("multi_tensor_apply_kernel<AdamFunctor>") == "optimizer"
 

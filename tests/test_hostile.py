@@ -663,3 +663,21 @@ def test_settings_added_after_a_run_started_do_not_block_its_resume():
     with pytest.raises(rundir.RunDirError, match="added.knob"):  # a non-default value is a change
         rundir.compare_configs(stored, {**new, "added": {"knob": 2}}, resumable=(), allow_change=False, where="r",
                                defaults=defaults)
+
+
+def test_a_run_from_before_a_new_setting_resumes(tmp_path):
+    """Settings added to sctlib after a run started (optim.impl, compile_mode) are absent from its config.json;
+    at their defaults they count as unchanged, so the run resumes."""
+    T.train(_cfg(), tmp_path, progress=False)
+    cj = tmp_path / "config.json"
+    rec = json.loads(cj.read_text())
+    del rec["config"]["optim"]["impl"], rec["config"]["compile_mode"]
+    cj.write_text(json.dumps(rec))
+    T.train(_cfg("total_nimg=1024"), tmp_path, progress=False)
+    assert _ckpts(tmp_path)[-1] == f"ckpt-{1024:012d}.safetensors"
+    # a real change is still refused by the same check
+    rec = json.loads(cj.read_text())
+    rec["config"]["optim"]["lr"] = 0.5
+    cj.write_text(json.dumps(rec))
+    with pytest.raises(rundir.RunDirError, match="different config"):
+        T.train(_cfg("total_nimg=1280"), tmp_path, progress=False)

@@ -376,3 +376,22 @@ def test_cuda_graph_modes_are_recognised():
     assert not T.uses_cudagraphs(C.override(cfg, compile_mode="max-autotune-no-cudagraphs"), "cuda")
     assert not T.uses_cudagraphs(C.override(cfg, compile_mode="reduce-overhead"), "cpu")
     assert not T.uses_cudagraphs(C.override(cfg, compile=False, compile_mode="reduce-overhead"), "cuda")
+
+
+def test_a_cuda_graph_step_marks_one_new_generation(tmp_path, monkeypatch):
+    """With CUDA graphs (on a GPU) every train_step starts a new graph generation, once; without, never. The
+    CPU Trainer stands in: the flag is what a CUDA trainer in a graph mode sets."""
+    from sctlib.train import Trainer
+
+    calls = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
+    cfg = C.override(C.get_preset("digits-edm"), **C.parse_overrides(
+        ["total_nimg=1024", "batch_size=64", "device=cpu", "ema_halflife_nimg=0"]))
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    assert tr._cudagraphs is False
+    tr.train_step()
+    assert calls == []
+    tr._cudagraphs = True
+    tr.train_step()
+    tr.train_step()
+    assert calls == [1, 1]

@@ -61,13 +61,17 @@ sample)
   ;;
 ddp)
   nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv > "$RES/bench_gpu_state_ddp.txt" 2>&1
-  # Issue 12: DDP on 2 GPUs vs 1 at 128 images per GPU, the presets' own defaults, through the CLI.
-  b bench_cli_ddp 420 $PY benchmarks/cli_throughput.py --data "$DATA" --presets cifar10-ect,cifar10-sct --nproc 1,2 \
-      --ticks 6 --steps-per-tick 10 --out "$RES/bench_cli_ddp.json"
-  # The weights of 2 processes vs 1 with the same global batch (NCCL), ECT and SCT with the global-batch references.
-  for task in ect sct; do  # SCT with loss.ref_source=all: the gathered global batch as the reference set
-    b bench_ddp_equivalence_$task 150 $PY benchmarks/ddp_equivalence.py --nproc 2 --device cuda --preset digits-$task \
-        --total-nimg 8192 --extra loss.ref_source=all
+  [ -f "$DATA" ] || $PY -m sctlib.data natural "$DATA" --resolution 32 --no-progress
+  # Issue 12: DDP on 2 GPUs vs 1 at 128 images per GPU, the presets' own defaults (compiled), through the CLI.
+  b bench_cli_ddp ${DDP_SECONDS:-420} $PY benchmarks/cli_throughput.py --data "$DATA" --presets ${DDP_PRESETS:-cifar10-sct,cifar10-ect} \
+      --nproc 1,2 --ticks 4 --steps-per-tick 20 --out "$RES/bench_cli_ddp.json"
+  # The weights of 2 processes vs 1 with the same global batch (NCCL), SCT with the gathered global batch as the
+  # reference set; compiled, so that the compiled target pass of a DDP run is checked (eager ECT and SCT are in
+  # benchmarks/results/h200x2_ddp_nccl_*.json). DDP_EQUIV="task:key=value+key=value ..." picks the rows.
+  for row in ${DDP_EQUIV:-sct:compile=true}; do
+    task=${row%%:*}; over=${row#*:}
+    b bench_ddp_equivalence_${task}_${over//[^a-z0-9]/_} 150 $PY benchmarks/ddp_equivalence.py --nproc 2 --device cuda \
+        --preset digits-$task --total-nimg 4096 --extra loss.ref_source=all ${over//+/ }
   done
   ;;
 compile)

@@ -92,7 +92,10 @@ class EDMLoss:
         if state:
             raise ValueError(f"EDMLoss has no state, got keys {sorted(state)}")
 
-    def __call__(self, net: nn.Module, x0: torch.Tensor, labels=None, *, nimg: float) -> Tuple[torch.Tensor, Stats]:
+    def __call__(self, net: nn.Module, x0: torch.Tensor, labels=None, *, nimg: float,
+                 target_net: Optional[nn.Module] = None) -> Tuple[torch.Tensor, Stats]:
+        """Per-example loss of ``net`` on ``x0``; ``target_net`` is accepted for a common call and unused
+        (denoising score matching has no target pass)."""
         cfg = self.cfg
         t = sample_t_lognormal(x0.shape[0], cfg.P_mean, cfg.P_std, device=x0.device)
         eps = noise_like(x0)
@@ -179,7 +182,12 @@ class ECTLoss:
         return ect_target_point(x0, eps, r)
 
     # -- the loss -------------------------------------------------------------------------------
-    def __call__(self, net: nn.Module, x0: torch.Tensor, labels=None, *, nimg: float) -> Tuple[torch.Tensor, Stats]:
+    def __call__(self, net: nn.Module, x0: torch.Tensor, labels=None, *, nimg: float,
+                 target_net: Optional[nn.Module] = None) -> Tuple[torch.Tensor, Stats]:
+        """Per-example loss (ECT Sec. 3). ``net`` runs the student pass with gradients;
+        ``target_net`` (the same weights; default: ``net`` with a DistributedDataParallel wrapper taken off) runs
+        the stop-gradient target pass. The trainer passes its own: under DDP the bare network, compiled when the
+        student is (:func:`sctlib.train.wrap_network`)."""
         cfg = self.cfg
         B = x0.shape[0]
         t = sample_t_lognormal(B, cfg.P_mean, cfg.P_std, device=x0.device)
@@ -202,7 +210,9 @@ class ECTLoss:
 
         # Target: same weights, no grad, same dropout masks (replayed, so the global RNG is untouched).
         # Rows with r == s_m get a safe sigma (t) and are then replaced by x_r: no log(0), no host sync.
-        target_net = getattr(net, "module", net)
+        # The target pass needs no gradient communication, so it does not go through DDP.
+        if target_net is None:
+            target_net = getattr(net, "module", net)
         r_safe = torch.where(at_edge, t, r)
         with torch.no_grad(), replay_dropout(target_net), _phase("target"):
             f_r = self._phased(x_r, r_safe, s, target_net(x_r, r_safe, labels))

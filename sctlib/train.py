@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -112,13 +113,35 @@ class IndexStream:
 
 
 # ------------------------------------------------------------------------------------------------
-# Distributed set-up.
+# The network as the loss calls it: DDP and torch.compile wrappers.
 
 def uses_cudagraphs(cfg: TrainConfig, device_type: str) -> bool:
     """Whether the trainer's compiled network replays CUDA graphs: compiled on CUDA in a mode that uses them
     ('reduce-overhead', 'max-autotune'; torch.compile's docstring). Each step is then marked as a new generation."""
     return bool(cfg.compile) and device_type == "cuda" and cfg.compile_mode in ("reduce-overhead", "max-autotune")
 
+
+def wrap_network(net: nn.Module, *, ddp: Optional[Callable[[nn.Module], nn.Module]] = None,
+                 compile_fn: Optional[Callable[[nn.Module], nn.Module]] = None) -> Tuple[nn.Module, nn.Module]:
+    """The two modules the consistency losses call, both running ``net``'s weights: ``(student, target)``.
+
+    ``student`` runs the pass with gradients: ``net`` wrapped by ``ddp`` (several processes) and then by
+    ``compile_fn`` (torch.compile), when given. ``target`` runs the stop-gradient target pass of ECT / SCT,
+    which needs no gradient communication and so skips DDP: the student itself when there is no DDP wrapper,
+    otherwise ``net`` with its own ``compile_fn`` wrapper, so that the target pass of a compiled DDP run is
+    compiled as well (taking DDP off a compiled wrapper by its ``module`` attribute would also take the
+    compiled code off).
+    """
+    student = ddp(net) if ddp is not None else net
+    if compile_fn is not None:
+        student = compile_fn(student)
+    if ddp is None:
+        return student, student
+    return student, (compile_fn(net) if compile_fn is not None else net)
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed set-up.
 
 def _dist_env():
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -287,18 +310,20 @@ class Trainer:
             set_tf32(self.precision, cfg.tf32)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision_rule.uses_fp16 else None
 
-        self.ddp = self.net
+        ddp = compile_fn = None
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.ddp = DDP(self.net, device_ids=[self.device] if self.device.type == "cuda" else None,
-                           broadcast_buffers=False)
+            ddp = functools.partial(DDP, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                    broadcast_buffers=False)
         if cfg.compile and self.device.type == "cuda":
             # CUDA only: the presets compile by default, and on a CPU (tests, smoke runs) a compile costs minutes
             # for steps that take seconds.
-            self.ddp = torch.compile(self.ddp, mode=cfg.compile_mode)
+            compile_fn = functools.partial(torch.compile, mode=cfg.compile_mode)
         elif cfg.compile and self.rank == 0:
             print(f"compile=true is applied on CUDA only; this run on {self.device.type} runs eager", flush=True)
+        # self.ddp: the student pass (DDP and/or compiled); self.target_net: the ECT / SCT target pass.
+        self.ddp, self.target_net = wrap_network(self.net, ddp=ddp, compile_fn=compile_fn)
         # CUDA graphs (the modes 'reduce-overhead' and 'max-autotune') replay into fixed buffers: each step is
         # marked as a new generation, so that the previous step's outputs may be overwritten.
         self._cudagraphs = uses_cudagraphs(cfg, self.device.type)
@@ -807,7 +832,8 @@ class Trainer:
                 sync = self.ddp.no_sync()  # all-reduce only on the last micro-batch
             with sync:
                 with self._autocast(), _phase("loss"):
-                    loss, stats = self.loss_fn(self.ddp, x0, labels, nimg=self.nimg)
+                    loss, stats = self.loss_fn(self.ddp, x0, labels, nimg=self.nimg,
+                                                   target_net=self.target_net)
                 # Mean over the global batch: DDP averages over processes, hence the factor world.
                 obj = loss.float().sum() * (self.world / cfg.batch_size)
                 # (no profiler range here: on CUDA autograd runs the backward pass on its own thread, outside it)

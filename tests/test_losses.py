@@ -504,3 +504,28 @@ def test_compiled_network_gives_the_eager_ect_gradient_at_a_late_stage():
     (l0, g0), (l1, g1) = out
     assert torch.allclose(l0, l1, rtol=1e-4)
     assert float((g0 - g1).norm() / g0.norm()) < 1e-3
+
+
+@pytest.mark.parametrize("task", ["ect", "sct"])
+def test_the_target_pass_runs_the_target_network_it_is_given(task):
+    """The trainer hands the loss its target network (under DDP the bare network, compiled when the student is;
+    sctlib.train.wrap_network): the target pass calls that module, once and without gradients, with the
+    student's dropout masks, and the loss is the default call's."""
+    calls = []
+
+    class Target(nn.Module):  # stands in for a compiled wrapper of the same weights
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, sigma, labels=None):
+            calls.append(torch.is_grad_enabled())
+            return self.inner(x, sigma, labels)
+
+    net, x0 = make_net(p=0.3), data()
+    loss_fn = build_loss(cfg(task=task, ref_source="batch"))
+    ref, _ = run(loss_fn, net, x0, nimg=3 * DOUBLE)
+    torch.manual_seed(123)
+    got, _ = loss_fn(net, x0, None, nimg=3 * DOUBLE, target_net=Target(net))
+    assert calls == [False]
+    assert torch.equal(ref, got)  # same masks replayed through the wrapper: bit-equal

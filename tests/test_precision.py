@@ -1,5 +1,6 @@
 """The precision rule: parsing, switching by stage, the fp16 gradient scaler in the trainer (skipped steps
 counted apart from non-finite ones), and exact resumption across a switch of format."""
+import functools
 import json
 import math
 import os
@@ -106,8 +107,8 @@ class _Wrap:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def __call__(self, net, x0, labels=None, *, nimg):
-        return self.fn(self.inner, net, x0, labels, nimg)
+    def __call__(self, net, x0, labels=None, *, nimg, **kw):  # kw: the trainer's target_net, passed through
+        return self.fn(functools.partial(self.inner, **kw), net, x0, labels, nimg)
 
 
 def test_trainer_switches_format_by_stage(tmp_path):

@@ -221,9 +221,9 @@ def test_the_loss_receives_the_global_batch_each_step(tmp_path):
     tr = T.Trainer(cfg, tmp_path, progress=False)
     real, seen = tr.loss_fn, []
 
-    def recording(net, x0, labels, *, nimg):
+    def recording(net, x0, labels, *, nimg, **kw):
         seen.append((nimg, x0.detach().clone(), labels.clone()))
-        return real(net, x0, labels, nimg=nimg)
+        return real(net, x0, labels, nimg=nimg, **kw)
 
     recording.stage = real.stage  # the step asks the loss for its stage (precision rule)
     tr.loss_fn = recording
@@ -395,3 +395,27 @@ def test_a_cuda_graph_step_marks_one_new_generation(tmp_path, monkeypatch):
     tr.train_step()
     tr.train_step()
     assert calls == [1, 1]
+
+
+def test_wrap_network_compiles_the_target_pass_and_keeps_it_out_of_ddp():
+    """Student and target modules of the trainer (sctlib.train.wrap_network), with stand-ins for DDP and
+    torch.compile: one process compiles one wrapper for both passes; under DDP the target pass runs the bare
+    network, through its own compiled wrapper when the student is compiled (taking DDP off the compiled DDP
+    wrapper, as the loss's default does, would run it eager)."""
+    class Wrap(torch.nn.Module):
+        def __init__(self, kind, inner):
+            super().__init__()
+            self.kind, self.module = kind, inner
+
+    ddp = lambda m: Wrap("ddp", m)  # noqa: E731
+    comp = lambda m: Wrap("compiled", m)  # noqa: E731
+    net = torch.nn.Linear(2, 2)
+    s, t = T.wrap_network(net)
+    assert s is net and t is net
+    s, t = T.wrap_network(net, compile_fn=comp)
+    assert s.kind == "compiled" and s.module is net and t is s
+    s, t = T.wrap_network(net, ddp=ddp)
+    assert s.kind == "ddp" and t is net
+    s, t = T.wrap_network(net, ddp=ddp, compile_fn=comp)
+    assert (s.kind, s.module.kind, s.module.module) == ("compiled", "ddp", net)
+    assert t.kind == "compiled" and t.module is net and t is not s

@@ -5,6 +5,8 @@ differ only by the order of floating-point reductions. Prints the largest absolu
 
     python benchmarks/ddp_equivalence.py --nproc 2 --device cuda       # NCCL on 2 GPUs
     python benchmarks/ddp_equivalence.py --nproc 2 --device cpu        # gloo
+    python benchmarks/ddp_equivalence.py --nproc 2 --extra compile=true --yardstick compile=false
+        # compiled DDP vs one compiled process, next to what compiling alone moves (one process, eager vs compiled)
 """
 from __future__ import annotations
 
@@ -18,6 +20,13 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 
+def max_abs_diff(a: dict, b: dict) -> float:
+    """Largest absolute difference between two state dicts with the same keys."""
+    if a.keys() != b.keys():
+        raise ValueError(f"different tensors: {sorted(a.keys() ^ b.keys())[:5]}")
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--nproc", type=int, default=2)
@@ -26,6 +35,9 @@ def main(argv=None):
     ap.add_argument("--total-nimg", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--extra", nargs="*", default=[], help="more key=value overrides")
+    ap.add_argument("--yardstick", nargs="*", default=None,
+                    help="also run one process with these overrides added (e.g. compile=false) and report its distance "
+                         "from the one-process run: what that change alone moves, the scale for the DDP difference")
     args = ap.parse_args(argv)
     common = ["--preset", args.preset, "--no-progress", f"device={args.device}", f"total_nimg={args.total_nimg}",
               f"batch_size={args.batch}", "precision=fp32", "tf32=false", "cudnn_benchmark=false",
@@ -38,11 +50,18 @@ def main(argv=None):
                         f"--nproc_per_node={args.nproc}", "-m", "sctlib.train", "--run-dir", str(many), *common],
                        check=True)
         a, b = load_file(str(one / "final_net.safetensors")), load_file(str(many / "final_net.safetensors"))
-        diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+        diff = max_abs_diff(a, b)
         scale = max(a[k].float().abs().max().item() for k in a)
         world = json.loads((many / "config.json").read_text())["world_size"]
-    print(json.dumps({"preset": args.preset, "device": args.device, "nproc": world, "total_nimg": args.total_nimg,
-                      "max_abs_weight_diff": diff, "max_abs_weight": scale}))
+        out = {"preset": args.preset, "device": args.device, "nproc": world, "total_nimg": args.total_nimg,
+               "extra": args.extra, "max_abs_weight_diff": diff, "max_abs_weight": scale}
+        if args.yardstick is not None:
+            ys = Path(d) / "yardstick"
+            subprocess.run([sys.executable, "-m", "sctlib.train", "--run-dir", str(ys), *common,
+                            f"batch_gpu={args.batch // args.nproc}", *args.yardstick], check=True)
+            out["yardstick"] = args.yardstick
+            out["yardstick_max_abs_weight_diff"] = max_abs_diff(a, load_file(str(ys / "final_net.safetensors")))
+    print(json.dumps(out))
     return 0
 
 

@@ -16,6 +16,8 @@
 #   bash experiments/gpu_bench.sh compile-late # one idle GPU: the compile check at stage 3, where the target pass runs
 #   bash experiments/gpu_bench.sh ddp         # every GPU of the host, nothing else running: the CLI on 1 and 2
 #                                             # processes (DDP efficiency at the same per-GPU batch)
+#   bash experiments/gpu_bench.sh ddp-probe   # 2 GPUs: what DDP loses (NCCL rate, one bucket, eager, CUDA graphs;
+#                                             # DDP_PROBES picks), and the compiled equivalence with its yardstick
 #
 # DATA names the EDM-format zip of the CLI runs (experiments/natural32.sh setup builds one).
 set -uo pipefail
@@ -32,7 +34,7 @@ b() {  # b NAME SECONDS CMD...: run one benchmark, its table to NAME.txt, exit s
   local rc=$?  # before any $(...) in the message: a command substitution resets $?
   echo "$(date +%T) bench $name: exit $rc"
 }
-case "${1:?stage: exclusive | fused | sample | ddp | compile | compile-late | compile-cli | profile | adam | cudagraphs}" in
+case "${1:?stage: exclusive | fused | sample | ddp | ddp-probe | compile | compile-late | compile-cli | profile | adam | cudagraphs}" in
 exclusive)
   nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv > "$RES/bench_gpu_state.txt" 2>&1
   # Issue 13: the reference pass alone (CIFAR-10 50,000 references; ImageNet-64 per class), float64 vs mixed.
@@ -72,6 +74,32 @@ ddp)
     task=${row%%:*}; over=${row#*:}
     b bench_ddp_equivalence_${task}_${over//[^a-z0-9]/_} 150 $PY benchmarks/ddp_equivalence.py --nproc 2 --device cuda \
         --preset digits-$task --total-nimg 4096 --extra loss.ref_source=all ${over//+/ }
+  done
+  ;;
+ddp-probe)
+  # Issue 12: two compiled processes reached 80% of twice one (benchmarks/results/h200x2_cli_ddp.json); where do the
+  # other 20% go? Each probe changes one thing against the preset's defaults, 1 and 2 processes in the same
+  # invocation. DDP_PROBES picks and orders them (default: all, ~20 min with cold compiles: split across calls).
+  [ -f "$DATA" ] || $PY -m sctlib.data natural "$DATA" --resolution 32 --no-progress
+  for probe in ${DDP_PROBES:-nccl bucket eager cudagraphs equiv}; do
+    case $probe in
+    nccl)  # NVLink or not: the all-reduce rate at the gradient sizes of DDPM++ (212 MiB) and EDM2-S (1,068 MiB)
+      b bench_nccl_bandwidth 90 $PY -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/nccl_bandwidth.py \
+          --mib 25,212,1068 --out "$RES/bench_nccl_bandwidth.json" ;;
+    bucket)  # one gradient bucket: under compile one graph instead of one per 25 MiB bucket, communication after backward
+      b bench_cli_ddp_bucket 420 $PY benchmarks/cli_throughput.py --data "$DATA" --presets cifar10-sct --nproc 1,2 --ticks 4 \
+          --steps-per-tick 20 --extra ddp_bucket_mb=1000 --label "one gradient bucket" --out "$RES/bench_cli_ddp_bucket.json" ;;
+    eager)  # DDP without the compiler
+      b bench_cli_ddp_eager 300 $PY benchmarks/cli_throughput.py --data "$DATA" --presets cifar10-sct --nproc 1,2 --ticks 4 \
+          --steps-per-tick 20 --extra compile=false channels_last=false --label "eager NCHW" --out "$RES/bench_cli_ddp_eager.json" ;;
+    cudagraphs)  # CUDA graphs through the CLI (+5% in train_throughput.py), one and two processes
+      b bench_cli_ddp_cudagraphs 480 $PY benchmarks/cli_throughput.py --data "$DATA" --presets cifar10-sct --nproc 1,2 --ticks 4 \
+          --steps-per-tick 20 --extra compile_mode=reduce-overhead --label "CUDA graphs" --out "$RES/bench_cli_ddp_cudagraphs.json" ;;
+    equiv)  # compiled DDP vs one compiled process, next to compiled vs eager in one process (the tolerance's scale)
+      b bench_ddp_equivalence_compiled 240 $PY benchmarks/ddp_equivalence.py --nproc 2 --device cuda --preset digits-sct \
+          --total-nimg 4096 --extra loss.ref_source=all compile=true net.dropout=0 --yardstick compile=false ;;
+    *) echo "unknown probe $probe (nccl bucket eager cudagraphs equiv)" >&2 ;;
+    esac
   done
   ;;
 compile)

@@ -66,7 +66,8 @@ T_BIN_EDGES = tuple(float(x) for x in np.logspace(-3, 2, 11))
 # code rounds differently and draws its own dropout masks (a run continues bit for bit only with its own setting).
 RESUMABLE_KEYS = {"total_nimg", "checkpoint_nimg", "keep_checkpoints", "sample_nimg", "tick_nimg", "workers",
                   "snapshot_fracs",
-                  "max_nonfinite_steps", "eval", "device", "compile", "compile_mode", "cudnn_benchmark", "channels_last"}
+                  "max_nonfinite_steps", "eval", "device", "compile", "compile_mode", "cudnn_benchmark", "channels_last",
+                  "ddp_bucket_mb"}
 CKPT_RE = re.compile(r"^ckpt-(\d{12})\.safetensors$")
 
 
@@ -119,6 +120,15 @@ def uses_cudagraphs(cfg: TrainConfig, device_type: str) -> bool:
     """Whether the trainer's compiled network replays CUDA graphs: compiled on CUDA in a mode that uses them
     ('reduce-overhead', 'max-autotune'; torch.compile's docstring). Each step is then marked as a new generation."""
     return bool(cfg.compile) and device_type == "cuda" and cfg.compile_mode in ("reduce-overhead", "max-autotune")
+
+
+def ddp_wrapper(cfg: TrainConfig, device: torch.device) -> Callable[[nn.Module], nn.Module]:
+    """DistributedDataParallel with the trainer's settings: no buffer broadcast (the networks keep no running
+    statistics), gradient buckets of ``cfg.ddp_bucket_mb`` MiB."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return functools.partial(DDP, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False,
+                             bucket_cap_mb=cfg.ddp_bucket_mb)
 
 
 def wrap_network(net: nn.Module, *, ddp: Optional[Callable[[nn.Module], nn.Module]] = None,
@@ -310,12 +320,8 @@ class Trainer:
             set_tf32(self.precision, cfg.tf32)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision_rule.uses_fp16 else None
 
-        ddp = compile_fn = None
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ddp = functools.partial(DDP, device_ids=[self.device] if self.device.type == "cuda" else None,
-                                    broadcast_buffers=False)
+        ddp = ddp_wrapper(cfg, self.device) if self.world > 1 else None
+        compile_fn = None
         if cfg.compile and self.device.type == "cuda":
             # CUDA only: the presets compile by default, and on a CPU (tests, smoke runs) a compile costs minutes
             # for steps that take seconds.

@@ -185,3 +185,43 @@ def test_profile_step_tiny_reports_the_phases_of_the_step(tmp_path):
     assert not any(t["name"].startswith(P.RANGE_PREFIXES) for t in row["top_kernels"])
     with pytest.raises(SystemExit):
         P.main(["--tiny", "--variant", "fp8"])
+
+
+def test_nccl_bandwidth_reports_each_size_on_gloo(tmp_path):
+    """benchmarks/nccl_bandwidth.py under torchrun with 2 CPU processes (gloo): a row per size, positive rates,
+    bus bandwidth = 2 (n-1)/n x algorithm bandwidth; outside torchrun it says how to start it."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "nccl.json"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "benchmarks" / "nccl_bandwidth.py"), "--device", "cpu", "--mib", "0.5,2",
+                        "--iters", "3", "--warmup", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["meta"]["backend"] == "gloo" and rec["meta"]["world"] == 2
+    assert [row["mib"] for row in rec["rows"]] == [0.5, 2.0]
+    for row in rec["rows"]:
+        assert _finite_positive(row["ms"]) and _finite_positive(row["algbw_gbps"])
+        assert math.isclose(row["busbw_gbps"], row["algbw_gbps"], rel_tol=1e-12)  # 2 (n-1)/n = 1 for n = 2
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nccl_bandwidth.py")], capture_output=True, text=True)
+    assert r.returncode != 0 and "torchrun" in r.stderr
+
+
+@pytest.mark.slow
+def test_ddp_equivalence_reports_the_difference_next_to_its_yardstick(tmp_path):
+    """benchmarks/ddp_equivalence.py on gloo: 2 processes end where one process with 2 accumulation rounds ends
+    (to float rounding), and the --yardstick run (here another seed) is reported on the same scale, far away."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ddp_equivalence.py"), "--nproc", "2", "--device", "cpu",
+                        "--preset", "digits-ect", "--total-nimg", "256", "--batch", "32",
+                        "--extra", "net.model_channels=8", "--yardstick", "seed=1"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads([line for line in r.stdout.splitlines() if line.startswith('{"preset"')][-1])
+    assert out["nproc"] == 2 and out["extra"] == ["net.model_channels=8"] and out["yardstick"] == ["seed=1"]
+    assert out["max_abs_weight_diff"] < 2e-5
+    assert out["yardstick_max_abs_weight_diff"] > 1e-3

@@ -140,12 +140,13 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
     subprocess.run([sys.executable, "-m", "sctlib.train", "--run-dir", str(one), *common, "batch_gpu=16"],
                    check=True, env=ENV, capture_output=True)
     two = tmp_path / "two"
+    # ddp_bucket_mb: tiny gradient buckets (many all-reduces) sum the same numbers per element as one bucket
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "sctlib.train", "--run-dir", str(two), *common],
+                        "-m", "sctlib.train", "--run-dir", str(two), *common, "ddp_bucket_mb=0.01"],
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     cfg2 = json.loads((two / "config.json").read_text())
-    assert cfg2["world_size"] == 2
+    assert cfg2["world_size"] == 2 and cfg2["config"]["ddp_bucket_mb"] == 0.01
     # Same draws (seeded by global position) and a mean over the global batch: equal up to the order of
     # the floating-point reduction (all-reduce vs local accumulation). Measured max |diff| ~ 1e-7.
     _assert_same_weights(_final(one), _final(two), atol=2e-5)
@@ -419,3 +420,10 @@ def test_wrap_network_compiles_the_target_pass_and_keeps_it_out_of_ddp():
     s, t = T.wrap_network(net, ddp=ddp, compile_fn=comp)
     assert (s.kind, s.module.kind, s.module.module) == ("compiled", "ddp", net)
     assert t.kind == "compiled" and t.module is net and t is not s
+
+
+def test_ddp_wrapper_uses_the_configured_gradient_buckets():
+    cfg = _tiny("digits-ect", "ddp_bucket_mb=300")
+    wrap = T.ddp_wrapper(cfg, torch.device("cpu"))
+    assert wrap.keywords["bucket_cap_mb"] == 300 and wrap.keywords["device_ids"] is None
+    assert wrap.keywords["broadcast_buffers"] is False

@@ -30,7 +30,9 @@ mkdir -p "$RES"
 b() {  # b NAME SECONDS CMD...: run one benchmark, its table to NAME.txt, exit status noted
   local name=$1 secs=$2; shift 2
   echo "$(date +%T) bench $name: start"
-  timeout -s KILL "$secs" "$@" > "$RES/$name.txt" 2>&1
+  # TERM first: torchrun passes it on to its workers (they run in sessions of their own, which a KILL of torchrun
+  # would leave running on the GPUs); KILL 20 s later if anything is still there.
+  timeout -k 20 -s TERM "$secs" "$@" > "$RES/$name.txt" 2>&1
   local rc=$?  # before any $(...) in the message: a command substitution resets $?
   echo "$(date +%T) bench $name: exit $rc"
 }
@@ -65,13 +67,14 @@ ddp)
   nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv > "$RES/bench_gpu_state_ddp.txt" 2>&1
   [ -f "$DATA" ] || $PY -m sctlib.data natural "$DATA" --resolution 32 --no-progress
   # Issue 12: DDP on 2 GPUs vs 1 at 128 images per GPU, the presets' own defaults (compiled), through the CLI.
-  b bench_cli_ddp ${DDP_SECONDS:-420} $PY benchmarks/cli_throughput.py --data "$DATA" --presets ${DDP_PRESETS:-cifar10-sct,cifar10-ect} \
+  # (one preset: with cold compiles the 1- and 2-process runs take ~3 and ~4 minutes)
+  b bench_cli_ddp ${DDP_SECONDS:-480} $PY benchmarks/cli_throughput.py --data "$DATA" --presets ${DDP_PRESETS:-cifar10-sct} \
       --nproc 1,2 --ticks 4 --steps-per-tick 20 --out "$RES/bench_cli_ddp.json"
   # The weights of 2 processes vs 1 with the same global batch (NCCL), SCT with the gathered global batch as the
   # reference set; compiled, so that the compiled target pass of a DDP run is checked (eager ECT and SCT are in
   # benchmarks/results/h200x2_ddp_nccl_*.json). DDP_EQUIV="task:key=value+key=value ..." picks the rows.
   for row in ${DDP_EQUIV:-sct:compile=true}; do
-    task=${row%%:*}; over=${row#*:}
+    task=${row%%:*}; over=; [[ $row == *:* ]] && over=${row#*:}
     b bench_ddp_equivalence_${task}_${over//[^a-z0-9]/_} 150 $PY benchmarks/ddp_equivalence.py --nproc 2 --device cuda \
         --preset digits-$task --total-nimg 4096 --extra loss.ref_source=all ${over//+/ }
   done
@@ -86,9 +89,10 @@ ddp-probe)
     nccl)  # NVLink or not: the all-reduce rate at the gradient sizes of DDPM++ (212 MiB) and EDM2-S (1,068 MiB)
       b bench_nccl_bandwidth 90 $PY -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/nccl_bandwidth.py \
           --mib 25,212,1068 --out "$RES/bench_nccl_bandwidth.json" ;;
-    bucket)  # one gradient bucket: under compile one graph instead of one per 25 MiB bucket, communication after backward
+    bucket)  # one 1000 MiB gradient bucket: under compile two graph pieces (DDP's split keeps a 1 MiB first piece)
+             # instead of one per 25 MiB bucket; the all-reduce then waits for the end of the backward pass
       b bench_cli_ddp_bucket 420 $PY benchmarks/cli_throughput.py --data "$DATA" --presets cifar10-sct --nproc 1,2 --ticks 4 \
-          --steps-per-tick 20 --extra ddp_bucket_mb=1000 --label "one gradient bucket" --out "$RES/bench_cli_ddp_bucket.json" ;;
+          --steps-per-tick 20 --extra ddp_bucket_mb=1000 --label "1000 MiB gradient buckets" --out "$RES/bench_cli_ddp_bucket.json" ;;
     eager)  # DDP without the compiler
       b bench_cli_ddp_eager 300 $PY benchmarks/cli_throughput.py --data "$DATA" --presets cifar10-sct --nproc 1,2 --ticks 4 \
           --steps-per-tick 20 --extra compile=false channels_last=false --label "eager NCHW" --out "$RES/bench_cli_ddp_eager.json" ;;

@@ -152,9 +152,10 @@ class TrainConfig:
     compile: bool = False                      # torch.compile the network (applied on CUDA only)
     compile_mode: str = "default"              # torch.compile mode: 'default' | 'max-autotune-no-cudagraphs' | ...
     channels_last: bool = False                # memory format on CUDA
-    # DDP gradient bucket size (MiB; PyTorch's default 25). Under torch.compile DDP also splits the compiled graph at
-    # the buckets, so that communication overlaps the backward pass; a bucket as large as the gradients keeps one graph.
-    ddp_bucket_mb: float = 25.0
+    # DDP gradient bucket size in MiB; 0 = PyTorch's default (25 MiB after a 1 MiB first bucket; any explicit value
+    # also sizes the first bucket). Under torch.compile, DDP splits the compiled graph at bucket boundaries so that
+    # communication overlaps the backward pass: larger buckets, fewer graph pieces.
+    ddp_bucket_mb: float = 0.0
     ema_halflife_nimg: int = 500_000           # traditional EMA half-life in images (0 = no EMA)
     ema_rampup_ratio: float = 0.0              # EDM ramp-up: half-life <= ratio * nimg (0 = off)
     phema_stds: Tuple[float, ...] = ()         # EDM2 power-function EMA sigma_rel values (ECT IN-64: 0.010, 0.050, 0.100)
@@ -510,7 +511,7 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
     _check(o.impl in ("foreach", "fused"), "optim.impl", o.impl, "must be 'foreach' or 'fused'")
     _check(o.impl != "fused" or o.name == "adam", "optim.impl", o.impl,
            "'fused' needs optim.name='adam' (PyTorch has no fused RAdam)")
-    _check(cfg.ddp_bucket_mb > 0, "ddp_bucket_mb", cfg.ddp_bucket_mb, "must be > 0 (MiB)")
+    _check(cfg.ddp_bucket_mb >= 0, "ddp_bucket_mb", cfg.ddp_bucket_mb, "must be >= 0 (MiB; 0 = PyTorch's default)")
     _check(cfg.compile_mode in COMPILE_MODES, "compile_mode", cfg.compile_mode, f"one of {', '.join(COMPILE_MODES)}")
     # evaluation
     _check(e.t_max > 0, "eval.t_max", e.t_max, "must be > 0")

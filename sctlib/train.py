@@ -124,11 +124,13 @@ def uses_cudagraphs(cfg: TrainConfig, device_type: str) -> bool:
 
 def ddp_wrapper(cfg: TrainConfig, device: torch.device) -> Callable[[nn.Module], nn.Module]:
     """DistributedDataParallel with the trainer's settings: no buffer broadcast (the networks keep no running
-    statistics), gradient buckets of ``cfg.ddp_bucket_mb`` MiB."""
+    statistics); gradient buckets of ``cfg.ddp_bucket_mb`` MiB, or PyTorch's own bucketing when it is 0 (DDP keeps
+    its small first bucket only when no size is passed)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    bucket = {"bucket_cap_mb": cfg.ddp_bucket_mb} if cfg.ddp_bucket_mb > 0 else {}
     return functools.partial(DDP, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False,
-                             bucket_cap_mb=cfg.ddp_bucket_mb)
+                             **bucket)
 
 
 def wrap_network(net: nn.Module, *, ddp: Optional[Callable[[nn.Module], nn.Module]] = None,

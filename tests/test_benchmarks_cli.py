@@ -190,6 +190,7 @@ def test_profile_step_tiny_reports_the_phases_of_the_step(tmp_path):
 def test_nccl_bandwidth_reports_each_size_on_gloo(tmp_path):
     """benchmarks/nccl_bandwidth.py under torchrun with 2 CPU processes (gloo): a row per size, positive rates,
     bus bandwidth = 2 (n-1)/n x algorithm bandwidth; outside torchrun it says how to start it."""
+    import os
     import subprocess
     import sys
 
@@ -202,9 +203,13 @@ def test_nccl_bandwidth_reports_each_size_on_gloo(tmp_path):
     assert rec["meta"]["backend"] == "gloo" and rec["meta"]["world"] == 2
     assert [row["mib"] for row in rec["rows"]] == [0.5, 2.0]
     for row in rec["rows"]:
-        assert _finite_positive(row["ms"]) and _finite_positive(row["algbw_gbps"])
-        assert math.isclose(row["busbw_gbps"], row["algbw_gbps"], rel_tol=1e-12)  # 2 (n-1)/n = 1 for n = 2
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nccl_bandwidth.py")], capture_output=True, text=True)
+        assert _finite_positive(row["ms"])
+        # bytes over time, and NCCL's bus bandwidth 2 (n-1)/n x that (= 1 x for n = 2)
+        assert math.isclose(row["algbw_gbps"], row["mib"] * 2**20 / (row["ms"] / 1e3) / 1e9, rel_tol=1e-9)
+        assert math.isclose(row["busbw_gbps"], row["algbw_gbps"], rel_tol=1e-12)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nccl_bandwidth.py")], capture_output=True, text=True,
+                       env=env)
     assert r.returncode != 0 and "torchrun" in r.stderr
 
 

@@ -125,7 +125,7 @@ def test_every_sct_preset_uses_a_reference_set_that_averages():
     ({"optim.impl": "fused"}, "no fused RAdam"),            # digits-ect trains with RAdam
     ({"optim.impl": "apex"}, "'foreach' or 'fused'"),
     ({"compile_mode": "fastest"}, "reduce-overhead"),
-    ({"ddp_bucket_mb": 0.0}, "ddp_bucket_mb")])
+    ({"ddp_bucket_mb": -1.0}, "ddp_bucket_mb")])
 def test_optimizer_kernel_and_compile_mode_are_checked(changes, needle):
     with pytest.raises(C.ConfigError) as e:
         C.validate(C.override(C.get_preset("digits-ect"), **changes))

@@ -223,6 +223,8 @@ def test_the_loss_receives_the_global_batch_each_step(tmp_path):
     real, seen = tr.loss_fn, []
 
     def recording(net, x0, labels, *, nimg, **kw):
+        # the trainer hands the loss its target network: one process, the student itself
+        assert net is tr.ddp and kw == {"target_net": tr.target_net} and tr.target_net is tr.ddp
         seen.append((nimg, x0.detach().clone(), labels.clone()))
         return real(net, x0, labels, nimg=nimg, **kw)
 
@@ -423,7 +425,19 @@ def test_wrap_network_compiles_the_target_pass_and_keeps_it_out_of_ddp():
 
 
 def test_ddp_wrapper_uses_the_configured_gradient_buckets():
-    cfg = _tiny("digits-ect", "ddp_bucket_mb=300")
-    wrap = T.ddp_wrapper(cfg, torch.device("cpu"))
-    assert wrap.keywords["bucket_cap_mb"] == 300 and wrap.keywords["device_ids"] is None
-    assert wrap.keywords["broadcast_buffers"] is False
+    """ddp_bucket_mb reaches DistributedDataParallel (a one-process gloo group); 0 leaves PyTorch's bucketing,
+    whose 1 MiB first bucket any explicit size would replace."""
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", rank=0, world_size=1, store=store)
+    try:
+        net = torch.nn.Linear(4, 4)
+        ddp = T.ddp_wrapper(_tiny("digits-ect", "ddp_bucket_mb=300"), torch.device("cpu"))(net)
+        assert ddp.bucket_bytes_cap == 300 * 2**20 and ddp.module is net
+        default = T.ddp_wrapper(_tiny("digits-ect"), torch.device("cpu"))(torch.nn.Linear(4, 4))
+        plain = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+        assert default.bucket_bytes_cap == plain.bucket_bytes_cap
+        assert default.bucket_bytes_cap_default and not ddp.bucket_bytes_cap_default
+    finally:
+        dist.destroy_process_group()

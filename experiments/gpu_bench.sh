@@ -16,8 +16,8 @@
 #   bash experiments/gpu_bench.sh compile-late # one idle GPU: the compile check at stage 3, where the target pass runs
 #   bash experiments/gpu_bench.sh ddp         # every GPU of the host, nothing else running: the CLI on 1 and 2
 #                                             # processes (DDP efficiency at the same per-GPU batch)
-#   bash experiments/gpu_bench.sh ddp-probe   # 2 GPUs: what DDP loses (NCCL rate, one bucket, eager, CUDA graphs;
-#                                             # DDP_PROBES picks), and the compiled equivalence with its yardstick
+#   bash experiments/gpu_bench.sh ddp-probe   # 2 GPUs: what the CLI and DDP lose (data decoding, NCCL rate, bucket
+#                                             # size, eager, CUDA graphs; DDP_PROBES picks), compiled equivalence
 #
 # DATA names the EDM-format zip of the CLI runs (experiments/natural32.sh setup builds one).
 set -uo pipefail
@@ -84,8 +84,15 @@ ddp-probe)
   # other 20% go? Each probe changes one thing against the preset's defaults, 1 and 2 processes in the same
   # invocation. DDP_PROBES picks and orders them (default: all, ~20 min with cold compiles: split across calls).
   [ -f "$DATA" ] || $PY -m sctlib.data natural "$DATA" --resolution 32 --no-progress
-  for probe in ${DDP_PROBES:-nccl bucket eager cudagraphs equiv}; do
+  for probe in ${DDP_PROBES:-preload nccl bucket eager cudagraphs equiv data}; do
     case $probe in
+    preload)  # the set decoded before training: a short run otherwise decodes every image in the step (first pass;
+              # later passes read a per-process cache), ~0.3 ms per image on a 2-core CPU (data_throughput.py)
+      b bench_cli_ddp_preload 480 $PY benchmarks/cli_throughput.py --data "$DATA" --presets cifar10-sct --nproc 1,2 --ticks 4 \
+          --steps-per-tick 20 --extra data_preload=true --label "data_preload" --out "$RES/bench_cli_ddp_preload.json" ;;
+    data)  # the decoding alone on this host's CPU: per item (first pass, cached, preloaded), per worker count
+      b bench_data_throughput 240 $PY benchmarks/data_throughput.py --data "$DATA" --workers 0,2,4,8 \
+          --out "$RES/bench_data_throughput.json" ;;
     nccl)  # NVLink or not: the all-reduce rate at the gradient sizes of DDPM++ (212 MiB) and EDM2-S (1,068 MiB)
       b bench_nccl_bandwidth 90 $PY -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/nccl_bandwidth.py \
           --mib 25,212,1068 --out "$RES/bench_nccl_bandwidth.json" ;;
@@ -102,7 +109,7 @@ ddp-probe)
     equiv)  # compiled DDP vs one compiled process, next to compiled vs eager in one process (the tolerance's scale)
       b bench_ddp_equivalence_compiled 240 $PY benchmarks/ddp_equivalence.py --nproc 2 --device cuda --preset digits-sct \
           --total-nimg 4096 --extra loss.ref_source=all compile=true net.dropout=0 --yardstick compile=false ;;
-    *) echo "unknown probe $probe (nccl bucket eager cudagraphs equiv)" >&2 ;;
+    *) echo "unknown probe $probe (preload nccl bucket eager cudagraphs equiv data)" >&2 ;;
     esac
   done
   ;;

@@ -67,7 +67,7 @@ T_BIN_EDGES = tuple(float(x) for x in np.logspace(-3, 2, 11))
 RESUMABLE_KEYS = {"total_nimg", "checkpoint_nimg", "keep_checkpoints", "sample_nimg", "tick_nimg", "workers",
                   "snapshot_fracs",
                   "max_nonfinite_steps", "eval", "device", "compile", "compile_mode", "cudnn_benchmark", "channels_last",
-                  "ddp_bucket_mb"}
+                  "ddp_bucket_mb", "data_preload"}
 CKPT_RE = re.compile(r"^ckpt-(\d{12})\.safetensors$")
 
 
@@ -290,6 +290,11 @@ class Trainer:
         if cfg.cond and self.dataset.label_dim == 0:
             raise ConfigError(f"cond=True but dataset {cfg.dataset!r} has no labels")
         self.in_memory = hasattr(self.dataset, "tensors")
+        if cfg.data_preload and not self.in_memory and hasattr(self.dataset, "preload"):
+            t0 = time.time()
+            self.dataset.preload(progress=progress and self.rank == 0)
+            if self.rank == 0:
+                print(f"data_preload: {len(self.dataset)} images decoded in {time.time() - t0:.1f} s", flush=True)
         if self.in_memory:
             X, y = self.dataset.tensors()
             self.X, self.y = X.to(self.device), y.to(self.device)

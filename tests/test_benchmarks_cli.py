@@ -230,3 +230,29 @@ def test_ddp_equivalence_reports_the_difference_next_to_its_yardstick(tmp_path):
     assert out["nproc"] == 2 and out["extra"] == ["net.model_channels=8"] and out["yardstick"] == ["seed=1"]
     assert out["max_abs_weight_diff"] < 2e-5
     assert out["yardstick_max_abs_weight_diff"] > 1e-3
+
+
+def test_data_throughput_times_items_and_batches_per_worker_count(tmp_path):
+    """benchmarks/data_throughput.py on a written EDM zip: a row per worker count, ms per batch and img/s that
+    agree with each other; a missing zip or a set smaller than two batches is refused in one line."""
+    import numpy as np
+
+    from sctlib.data import write_edm_zip
+
+    B = _bench_module("data_throughput")
+    rng = np.random.default_rng(0)
+    zpath = str(write_edm_zip(str(tmp_path / "d.zip"), rng.integers(0, 256, size=(64, 8, 8, 3), dtype=np.uint8)))
+    out = tmp_path / "data.json"
+    assert B.main(["--data", zpath, "--batch", "16", "--workers", "0,1", "--batches", "3", "--items", "8",
+                   "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert [r["workers"] for r in rec["rows"]] == [0, 1] and rec["meta"]["images"] == 64
+    assert all(_finite_positive(rec["meta"]["item_ms"][k]) for k in ("first_pass", "cached", "preloaded"))
+    assert _finite_positive(rec["meta"]["preload_s"])
+    for r in rec["rows"]:
+        assert _finite_positive(r["ms_per_batch"])
+        assert math.isclose(r["img_per_s"], 16 / (r["ms_per_batch"] / 1e3), rel_tol=1e-9)
+    with pytest.raises(SystemExit, match="no such"):
+        B.main(["--data", str(tmp_path / "missing.zip")])
+    with pytest.raises(SystemExit, match="at least 2 x --batch"):
+        B.main(["--data", zpath, "--batch", "64"])

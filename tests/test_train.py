@@ -441,3 +441,26 @@ def test_ddp_wrapper_uses_the_configured_gradient_buckets():
         assert default.bucket_bytes_cap_default and not ddp.bucket_bytes_cap_default
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_data_loader_workers_and_preload_change_who_decodes_not_what_is_trained(tmp_path):
+    """A run on an EDM zip with DataLoader workers, or with the set decoded up front (data_preload), trains exactly
+    as one that decodes each image on first use in the training process (benchmarks/data_throughput.py times them)."""
+    import numpy as np
+
+    from sctlib.data import write_edm_zip
+
+    rng = np.random.default_rng(0)
+    zpath = write_edm_zip(str(tmp_path / "d.zip"), rng.integers(0, 256, size=(96, 8, 8, 3), dtype=np.uint8))
+    runs = {}
+    for name, extra in (("plain", []), ("workers", ["workers=2"]), ("preload", ["data_preload=true"])):
+        cfg = _tiny("cifar10-ect", "dataset=edmzip", f"data_path={zpath}", "init=", "net.img_resolution=8",
+                    "net.model_channels=16", "net.channel_mult=1,1", "net.num_blocks=1", "net.attn_resolutions=",
+                    "batch_size=16", "total_nimg=160", "tick_nimg=80", *extra)
+        tr = T.Trainer(cfg, tmp_path / name, progress=False)
+        assert (tr.dataset._preloaded is not None) == (name == "preload")
+        tr.run()
+        runs[name] = _final(tmp_path / name)
+    _assert_same_weights(runs["plain"], runs["workers"])
+    _assert_same_weights(runs["plain"], runs["preload"])

@@ -290,11 +290,15 @@ class Trainer:
         if cfg.cond and self.dataset.label_dim == 0:
             raise ConfigError(f"cond=True but dataset {cfg.dataset!r} has no labels")
         self.in_memory = hasattr(self.dataset, "tensors")
-        if cfg.data_preload and not self.in_memory and hasattr(self.dataset, "preload"):
+        if cfg.data_preload and not self.in_memory and not hasattr(self.dataset, "preload"):
+            if self.rank == 0:
+                print(f"data_preload: data set {cfg.dataset!r} cannot be preloaded; it is read as it is used", flush=True)
+        elif cfg.data_preload and not self.in_memory:
             t0 = time.time()
             self.dataset.preload(progress=progress and self.rank == 0)
             if self.rank == 0:
-                print(f"data_preload: {len(self.dataset)} images decoded in {time.time() - t0:.1f} s", flush=True)
+                n = getattr(self.dataset, "num_images", len(self.dataset))
+                print(f"data_preload: {n} images decoded in {time.time() - t0:.1f} s", flush=True)
         if self.in_memory:
             X, y = self.dataset.tensors()
             self.X, self.y = X.to(self.device), y.to(self.device)

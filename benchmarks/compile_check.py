@@ -63,11 +63,29 @@ def _flat(net) -> torch.Tensor:
     return torch.cat([p.detach().float().reshape(-1) for p in net.parameters()])
 
 
-def run_variant(cfg, steps: int, device: str, start_nimg: int = 0):
-    """Losses per step and the total weight change of one Trainer, its first step at ``start_nimg`` images."""
+def warm_state(cfg, steps: int, device: str) -> dict:
+    """The network's weights after ``steps`` eager steps from its initialisation (the same for every variant).
+
+    EDM2 initialises its output gain to 0, so at initialisation the first gradient is that one number's alone;
+    from warmed weights the first compared gradient is the whole network's."""
+    ds = SyntheticImages.for_config(cfg, 4 * cfg.batch_size, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Trainer(replace(cfg, compile=False, channels_last=False), tmp, progress=False, dataset=ds)
+        for _ in range(steps):
+            tr.train_step()
+        state = {k: v.detach().clone() for k, v in tr.net.state_dict().items()}
+        del tr
+    return state
+
+
+def run_variant(cfg, steps: int, device: str, start_nimg: int = 0, state: dict | None = None):
+    """Losses per step and the total weight change of one Trainer, its first step at ``start_nimg`` images,
+    from ``state`` (a state dict) when given, else from the network's initialisation."""
     ds = SyntheticImages.for_config(cfg, 4 * cfg.batch_size, device)
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(cfg, tmp, progress=False, dataset=ds)
+        if state is not None:
+            tr.net.load_state_dict(state)  # copies into the existing (possibly channels-last) parameters
         tr.nimg = start_nimg  # the stage (and the learning rate) of that point of the schedule
         w0 = _flat(tr.net)
         losses, g1 = [], None
@@ -103,6 +121,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stage", type=float, default=0.0,
                     help="start at stage exponent a (nimg = a x double_nimg): from a >= 1 the target pass runs the "
                          "network (at a = 0 ECT's r is 0 and the target is the data point)")
+    ap.add_argument("--init-steps", type=int, default=0,
+                    help="start every variant from the weights after this many eager steps (EDM2's output gain is 0 "
+                         "at initialisation, so the first gradient there is that one number's)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--precision", default="bf16", help="the format of every variant (the presets' first format)")
     ap.add_argument("--dropout", type=float, default=0.0,
@@ -127,6 +148,10 @@ def main(argv=None) -> int:
             base = replace(base, net=replace(base.net, dropout=args.dropout))
             if args.tiny:
                 base = C.override(base, **{"net.model_channels": 32, "net.num_blocks": 1}, batch_size=8)
+            state = None
+            if args.init_steps > 0:
+                torch.manual_seed(0)
+                state = warm_state(base, args.init_steps, device)
             res = {}
             for name, changes in ((n, VARIANTS[n]) for n in names):
                 if device == "cpu" and name == "eager-tf32":
@@ -135,10 +160,11 @@ def main(argv=None) -> int:
                     continue  # no fused RAdam
                 torch.manual_seed(0)
                 res[name] = run_variant(C.override(base, **changes), args.steps, device,
-                                        int(args.stage * base.loss.double_nimg))
+                                        int(args.stage * base.loss.double_nimg), state)
             if "eager-fp32" in res:  # every variant against the exact reference as well
                 row_fp32 = {n: compare(res["eager-fp32"], v) for n, v in res.items() if n != "eager-fp32"}
             row = {"net": net, "task": task, "precision": base.precision, "steps": args.steps, "stage": args.stage,
+                   "init_steps": args.init_steps,
                    "batch": base.batch_size, "dropout": args.dropout, "loss_eager": res["eager"][0],
                    **{key: compare(res["eager"], res[name]) for key, name in
                       (("floor", "eager-again"), ("compiled", "compiled"), ("tf32", "eager-tf32"),

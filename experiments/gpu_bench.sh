@@ -14,6 +14,7 @@
 #   bash experiments/gpu_bench.sh adam        # one idle GPU: fused vs multi-tensor Adam in the EDM2-S step
 #   bash experiments/gpu_bench.sh cudagraphs  # one idle GPU: the compiled DDPM++ step as CUDA graphs (speed, numbers)
 #   bash experiments/gpu_bench.sh compile-late # one idle GPU: the compile check at stage 3, where the target pass runs
+#   bash experiments/gpu_bench.sh compile-warm # one idle GPU: the EDM2-S compile check from weights off their init
 #   bash experiments/gpu_bench.sh ddp         # every GPU of the host, nothing else running: the CLI on 1 and 2
 #                                             # processes (DDP efficiency at the same per-GPU batch)
 #   bash experiments/gpu_bench.sh ddp-probe   # 2 GPUs: what the CLI and DDP lose (data decoding, NCCL rate, bucket
@@ -36,7 +37,7 @@ b() {  # b NAME SECONDS CMD...: run one benchmark, its table to NAME.txt, exit s
   local rc=$?  # before any $(...) in the message: a command substitution resets $?
   echo "$(date +%T) bench $name: exit $rc"
 }
-case "${1:?stage: exclusive | fused | sample | ddp | ddp-probe | compile | compile-late | compile-cli | profile | adam | cudagraphs}" in
+case "${1:?stage: exclusive | fused | sample | ddp | ddp-probe | compile | compile-late | compile-warm | compile-cli | profile | adam | cudagraphs}" in
 exclusive)
   nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv > "$RES/bench_gpu_state.txt" 2>&1
   # Issue 13: the reference pass alone (CIFAR-10 50,000 references; ImageNet-64 per class), float64 vs mixed.
@@ -125,6 +126,12 @@ compile-late)
   # pass runs the network, and every variant is also compared with eager fp32 (TF32 off), the exact reference.
   b bench_compile_check_late 480 $PY benchmarks/compile_check.py --tasks sct --steps 2 --stage 3 \
       --variants eager,compiled,eager-tf32,eager-fp32 --out "$RES/bench_compile_check_late.json"
+  ;;
+compile-warm)
+  # Issue 12: EDM2 initialises its output gain to 0, so from its initialisation (the checks above) the first gradient is
+  # that one number's; from weights after 4 eager steps every layer's gradient is compared (~6 min: one EDM2-S compile).
+  b bench_compile_check_warm 480 $PY benchmarks/compile_check.py --nets ${WARM_NETS:-imagenet64-s} --tasks sct --steps 2 \
+      --init-steps 4 --stage ${WARM_STAGE:-3} --variants eager,compiled,eager-tf32,eager-fp32 --out "$RES/bench_compile_check_warm.json"
   ;;
 profile)
   # Issue 12: where the step's time goes, per kernel category and per phase, eager bf16 and compiled (the

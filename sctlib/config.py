@@ -300,8 +300,8 @@ for _name in [n for n in PRESETS if n.startswith(("cifar10-", "imagenet64-"))]:
 # beyond the format's own rounding (benchmarks/compile_check.py against eager NCHW bf16, dropout 0, two SCT steps:
 # largest loss difference, first gradient, update after both; benchmarks/results/h200_compile_check.json): DDPM++
 # loss 4.6e-8, gradient 1.2e-3, update 1.0e-3 relative, all below eager TF32's 8.8e-8 / 3.4e-3 / 3.2e-3; EDM2-S loss 7.4e-8 and update 1.17e-3
-# against TF32's 7.7e-8 and 1.14e-3, its raw first gradient 1.7e-2 against 2.5e-3 (cosine 1.000000 in both: a
-# difference along the gradient, which Adam's normalised update does not see). With dropout on, compiled code draws
+# against TF32's 7.7e-8 and 1.14e-3, its raw first gradient 1.7e-2 against 2.5e-3 (from EDM2's initialisation, whose
+# output gain is 0, that first gradient is the output gain's alone: one number, cosine 1 by construction). With dropout on, compiled code draws
 # its own masks (same distribution; a run resumes exactly only with the same compile setting).
 for _name in [n for n in PRESETS if n.startswith(("cifar10-", "imagenet64-"))]:
     PRESETS[_name] = replace(PRESETS[_name], compile=True, channels_last=True)

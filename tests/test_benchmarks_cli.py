@@ -256,3 +256,25 @@ def test_data_throughput_times_items_and_batches_per_worker_count(tmp_path):
         B.main(["--data", str(tmp_path / "missing.zip")])
     with pytest.raises(SystemExit, match="at least 2 x --batch"):
         B.main(["--data", zpath, "--batch", "64"])
+
+
+def test_compile_check_from_warmed_weights_compares_the_whole_edm2_gradient():
+    """EDM2 initialises its output gain to 0: from its initialisation the first gradient is that one number's alone
+    (what the committed EDM2-S compile check compared); --init-steps starts every variant from weights after a
+    few eager steps, where every layer has a gradient."""
+    cc = _bench_module("compile_check")
+    from sctlib import config as C
+
+    base = C.override(C.get_preset("imagenet64-s-ect"), device="cpu", init="", precision="fp32", batch_size=4,
+                      tick_nimg=10**12, **{"net.model_channels": 32, "net.num_blocks": 1, "net.dropout": 0.0})
+    torch.manual_seed(0)
+    _, g_init, _ = cc.run_variant(base, 1, "cpu")
+    assert int((g_init != 0).sum()) == 1  # the output gain's
+    torch.manual_seed(0)
+    state = cc.warm_state(base, 2, "cpu")
+    torch.manual_seed(0)
+    _, g_warm, _ = cc.run_variant(base, 1, "cpu", state=state)
+    assert float((g_warm != 0).float().mean()) > 0.5
+    torch.manual_seed(0)
+    _, g_again, _ = cc.run_variant(base, 1, "cpu", state=state)
+    assert torch.equal(g_warm, g_again)  # every variant starts from the same weights

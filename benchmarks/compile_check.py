@@ -134,6 +134,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     names = args.variants.split(",")
     unknown = sorted(set(names) - set(VARIANTS))
+    if args.init_steps < 0:
+        ap.error(f"--init-steps must be >= 0, got {args.init_steps}")
     if unknown or "eager" not in names:
         ap.error(f"--variants: unknown {unknown}" if unknown else "--variants must include eager")
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"

@@ -278,3 +278,5 @@ def test_compile_check_from_warmed_weights_compares_the_whole_edm2_gradient():
     torch.manual_seed(0)
     _, g_again, _ = cc.run_variant(base, 1, "cpu", state=state)
     assert torch.equal(g_warm, g_again)  # every variant starts from the same weights
+    with pytest.raises(SystemExit):
+        cc.main(["--tiny", "--init-steps", "-1"])

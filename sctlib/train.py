@@ -31,7 +31,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ T_BIN_EDGES = tuple(float(x) for x in np.logspace(-3, 2, 11))
 RESUMABLE_KEYS = {"total_nimg", "checkpoint_nimg", "keep_checkpoints", "sample_nimg", "tick_nimg", "workers",
                   "snapshot_fracs",
                   "max_nonfinite_steps", "eval", "device", "compile", "compile_mode", "cudnn_benchmark", "channels_last",
-                  "ddp_bucket_mb", "data_preload"}
+                  "ddp_bucket_mb", "data_preload", "grad_sync", "data_on_device"}
 CKPT_RE = re.compile(r"^ckpt-(\d{12})\.safetensors$")
 
 
@@ -150,6 +150,45 @@ def wrap_network(net: nn.Module, *, ddp: Optional[Callable[[nn.Module], nn.Modul
     if ddp is None:
         return student, student
     return student, (compile_fn(net) if compile_fn is not None else net)
+
+
+def broadcast_parameters(net: nn.Module, src: int = 0) -> None:
+    """Copy process ``src``'s parameters and buffers into every process (``grad_sync='allreduce'``)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in list(net.parameters()) + list(net.buffers()):
+            dist.broadcast(t.data, src)
+
+
+def allreduce_mean(grads: List[torch.Tensor], world: int) -> None:
+    """Average gradients over the ``world`` processes in place: one all-reduce per dtype on a flat copy.
+
+    ``grad_sync='allreduce'``: after the whole backward pass, so nothing overlaps it, but the compiled graph stays
+    the one-process graph (DDP splits it at its buckets). The mean matches DDP's up to the order of the sums.
+    """
+    import torch.distributed as dist
+
+    by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for gs in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in gs])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        for g, f in zip(gs, flat.split([g.numel() for g in gs])):
+            g.copy_(f.view(g.shape))
+
+
+def gather_batch(images_uint8: torch.Tensor, labels: torch.Tensor, xflip: bool, idx: torch.Tensor):
+    """(x0, labels) of the items ``idx`` of a stored uint8 set on the device (``data_on_device``): the values
+    ``EDMZipDataset.__getitem__`` gives (k / 127.5 - 1; item i >= N is image i - N flipped left-right)."""
+    n = images_uint8.shape[0]
+    k = idx % n
+    x = images_uint8[k].to(torch.float32) / 127.5 - 1.0
+    if xflip:
+        x = torch.where((idx >= n).view(-1, *([1] * (x.ndim - 1))), x.flip(-1), x)
+    return x, labels[k]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,18 +329,26 @@ class Trainer:
         if cfg.cond and self.dataset.label_dim == 0:
             raise ConfigError(f"cond=True but dataset {cfg.dataset!r} has no labels")
         self.in_memory = hasattr(self.dataset, "tensors")
-        if cfg.data_preload and not self.in_memory and not hasattr(self.dataset, "preload"):
+        key = "data_on_device" if cfg.data_on_device else "data_preload"
+        if (cfg.data_preload or cfg.data_on_device) and not self.in_memory and not hasattr(self.dataset, "preload"):
             if self.rank == 0:
-                print(f"data_preload: data set {cfg.dataset!r} cannot be preloaded; it is read as it is used", flush=True)
-        elif cfg.data_preload and not self.in_memory:
+                print(f"{key}: data set {cfg.dataset!r} cannot be preloaded; it is read as it is used", flush=True)
+        elif (cfg.data_preload or cfg.data_on_device) and not self.in_memory:
             t0 = time.time()
             self.dataset.preload(progress=progress and self.rank == 0)
             if self.rank == 0:
                 n = getattr(self.dataset, "num_images", len(self.dataset))
-                print(f"data_preload: {n} images decoded in {time.time() - t0:.1f} s", flush=True)
+                print(f"{key}: {n} images decoded in {time.time() - t0:.1f} s", flush=True)
         if self.in_memory:
             X, y = self.dataset.tensors()
             self.X, self.y = X.to(self.device), y.to(self.device)
+        # data_on_device: (uint8 stored images, labels, xflip) on the device; batches are gathered there.
+        self._on_device = None
+        if cfg.data_on_device and not self.in_memory and hasattr(self.dataset, "stored_uint8"):
+            X8, y8 = self.dataset.stored_uint8(self.device)
+            self._on_device = (X8, y8, bool(getattr(self.dataset, "xflip", False)))
+            if self.rank == 0:
+                print(f"data_on_device: {X8.shape[0]} images, {X8.numel() / 2**20:.0f} MiB on {self.device}", flush=True)
         self.stream = IndexStream(len(self.dataset), cfg.seed)
         self._loader = None
 
@@ -331,7 +378,9 @@ class Trainer:
             set_tf32(self.precision, cfg.tf32)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision_rule.uses_fp16 else None
 
-        ddp = ddp_wrapper(cfg, self.device) if self.world > 1 else None
+        ddp = ddp_wrapper(cfg, self.device) if self.world > 1 and cfg.grad_sync == "ddp" else None
+        if self.world > 1 and cfg.grad_sync == "allreduce":
+            broadcast_parameters(self.net)  # what DDP does when it wraps: every process starts from rank 0's weights
         compile_fn = None
         if cfg.compile and self.device.type == "cuda":
             # CUDA only: the presets compile by default, and on a CPU (tests, smoke runs) a compile costs minutes
@@ -426,6 +475,8 @@ class Trainer:
             if self.in_memory:
                 sel_d = sel.to(self.device)
                 x0, y = self.X[sel_d], self.y[sel_d]
+            elif self._on_device is not None:
+                x0, y = gather_batch(*self._on_device, sel.to(self.device))
             else:
                 if self._loader is None:
                     self._loader = iter(self._make_loader())
@@ -845,7 +896,7 @@ class Trainer:
             # draw the same t, eps and dropout masks.
             torch.manual_seed(seed_for(cfg.seed, self.nimg + offset))
             sync = contextlib.nullcontext()
-            if self.world > 1 and i < len(micro) - 1:
+            if self.world > 1 and cfg.grad_sync == "ddp" and i < len(micro) - 1:
                 sync = self.ddp.no_sync()  # all-reduce only on the last micro-batch
             with sync:
                 with self._autocast(), _phase("loss"):
@@ -861,6 +912,9 @@ class Trainer:
             self._accumulate(loss, stats)
 
         params = [p for p in self.net.parameters() if p.grad is not None]
+        if self.world > 1 and cfg.grad_sync == "allreduce":
+            with _phase("allreduce"):
+                allreduce_mean([p.grad for p in params], self.world)
         with _phase("grad_norm"):
             if scaler is not None:
                 scaler.unscale_(self.opt)

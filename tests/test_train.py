@@ -134,7 +134,10 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_pat
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("sync", ["ddp", "allreduce"])
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path, sync):
+    """Both ways of combining gradients (grad_sync): DistributedDataParallel, and one all-reduce after the backward
+    pass."""
     common = ["--preset", "digits-ect", "--no-progress", *TINY, "total_nimg=1024"]
     one = tmp_path / "one"
     subprocess.run([sys.executable, "-m", "sctlib.train", "--run-dir", str(one), *common, "batch_gpu=16"],
@@ -142,11 +145,12 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
     two = tmp_path / "two"
     # ddp_bucket_mb: tiny gradient buckets (many all-reduces) sum the same numbers per element as one bucket
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "sctlib.train", "--run-dir", str(two), *common, "ddp_bucket_mb=0.01"],
+                        "-m", "sctlib.train", "--run-dir", str(two), *common, "ddp_bucket_mb=0.01",
+                        f"grad_sync={sync}"],
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     cfg2 = json.loads((two / "config.json").read_text())
-    assert cfg2["world_size"] == 2 and cfg2["config"]["ddp_bucket_mb"] == 0.01
+    assert cfg2["world_size"] == 2 and cfg2["config"]["ddp_bucket_mb"] == 0.01 and cfg2["config"]["grad_sync"] == sync
     # Same draws (seeded by global position) and a mean over the global batch: equal up to the order of
     # the floating-point reduction (all-reduce vs local accumulation). Measured max |diff| ~ 1e-7.
     _assert_same_weights(_final(one), _final(two), atol=2e-5)
@@ -454,13 +458,42 @@ def test_data_loader_workers_and_preload_change_who_decodes_not_what_is_trained(
     rng = np.random.default_rng(0)
     zpath = write_edm_zip(str(tmp_path / "d.zip"), rng.integers(0, 256, size=(96, 8, 8, 3), dtype=np.uint8))
     runs = {}
-    for name, extra in (("plain", []), ("workers", ["workers=2"]), ("preload", ["data_preload=true"])):
+    for name, extra in (("plain", []), ("workers", ["workers=2"]), ("preload", ["data_preload=true"]),
+                        ("device", ["data_on_device=true"])):
         cfg = _tiny("cifar10-ect", "dataset=edmzip", f"data_path={zpath}", "init=", "net.img_resolution=8",
                     "net.model_channels=16", "net.channel_mult=1,1", "net.num_blocks=1", "net.attn_resolutions=",
                     "batch_size=16", "total_nimg=160", "tick_nimg=80", *extra)
         tr = T.Trainer(cfg, tmp_path / name, progress=False)
-        assert (tr.dataset._preloaded is not None) == (name == "preload")
+        assert (tr.dataset._preloaded is not None) == (name in ("preload", "device"))
+        assert (tr._on_device is not None) == (name == "device")
+        if name == "device":  # no DataLoader is ever made: the batches are gathered from the stored tensor
+            tr._make_loader = None
         tr.run()
         runs[name] = _final(tmp_path / name)
     _assert_same_weights(runs["plain"], runs["workers"])
     _assert_same_weights(runs["plain"], runs["preload"])
+    _assert_same_weights(runs["plain"], runs["device"])
+
+
+@pytest.mark.parametrize("xflip", [False, True])
+def test_gather_batch_gives_the_items_the_data_set_gives(tmp_path, xflip):
+    """data_on_device's batches equal EDMZipDataset.__getitem__ item by item: values, labels and the mirrored
+    copies of an xflip set (indices >= N)."""
+    import numpy as np
+
+    from sctlib.data import write_edm_zip
+    from sctlib.data.edmzip import EDMZipDataset
+
+    rng = np.random.default_rng(1)
+    zpath = write_edm_zip(str(tmp_path / "d.zip"), rng.integers(0, 256, size=(12, 8, 8, 3), dtype=np.uint8),
+                          labels=rng.integers(0, 5, size=12))
+    ds = EDMZipDataset(zpath, cond=True, xflip=xflip)
+    X8, y8 = ds.stored_uint8()
+    assert X8.dtype == torch.uint8 and X8.shape == (12, 3, 8, 8) and y8.dtype == torch.int64
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+    x, y = T.gather_batch(X8, y8, xflip, idx)
+    want = [ds[int(i)] for i in idx]
+    assert torch.equal(x, torch.stack([w[0] for w in want]))
+    assert y.tolist() == [w[1] for w in want]
+    if xflip:
+        assert (idx >= 12).any() and not torch.equal(x, T.gather_batch(X8, y8, False, idx)[0])

@@ -479,6 +479,19 @@ class EDMZipDataset(torch.utils.data.Dataset):
         self._cache = None
         return self
 
+    def stored_uint8(self, device="cpu") -> Tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 [N, C, H, W] stored images, int64 [N] labels, -1 where unlabelled) on ``device``, preloading first.
+
+        The N stored images only: with ``xflip`` the items i >= N are image i - N flipped, which a caller
+        gathering batches itself applies (``gather_batch``).
+        """
+        if self._preloaded is None:
+            self.preload()
+        n = len(self._names)
+        lab = torch.full((n,), -1, dtype=torch.int64) if self._labels is None else \
+            torch.as_tensor(np.asarray(self._labels[:n]), dtype=torch.int64)
+        return self._preloaded.to(device), lab.to(device)
+
     def fingerprint(self) -> str:
         return dataset_fingerprint(self.path)
 

@@ -313,6 +313,15 @@ for _name in [n for n in PRESETS if n.startswith(("cifar10-", "imagenet64-"))]:
 # its own masks (same distribution; a run resumes exactly only with the same compile setting).
 for _name in [n for n in PRESETS if n.startswith(("cifar10-", "imagenet64-"))]:
     PRESETS[_name] = replace(PRESETS[_name], compile=True, channels_last=True)
+# Data path (issue 12): the CIFAR-10 presets hold the set on the GPU (data_on_device; 150 MiB of uint8) and gather each
+# batch there. Through the CLI on one H200 (cifar10-sct, 10 ticks of 40 steps, warm compile cache, one call;
+# benchmarks/results/h200x2_cli_data_path.json): 1,047.6 img/s, ticks 937-1,131, against 799.1 (ticks 713-907) with the
+# DataLoader in the training process (workers=0), which decodes, collates and pins each batch between two steps that
+# wait on each other (one host sync per step: the skip decision). Same batches, same weights (tests/test_train.py).
+# ImageNet-64 stays on the DataLoader: its set is 15.7 GiB per process, and its SCT presets already hold one copy on
+# the GPU as references.
+for _name in [n for n in PRESETS if n.startswith("cifar10-")]:
+    PRESETS[_name] = replace(PRESETS[_name], data_on_device=True)
 for _name in [n for n in PRESETS if n.startswith("imagenet64-") and n.endswith("-sct")]:
     # ImageNet-64 SCT: references from the sample's own class in the whole training set (~1,281 images
     # per class, 15.7 GB of uint8 per GPU). The previous 'all' (global batch of 128 over 1,000 classes)

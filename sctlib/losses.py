@@ -37,15 +37,16 @@ TASKS = ("edm", "ect", "sct")
 Stats = Dict[str, torch.Tensor]
 
 
-def noise_like(x: torch.Tensor) -> torch.Tensor:
-    """Standard normal noise of x's shape, drawn in the logical (NCHW) element order, then laid out as x.
+def noise_like(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Standard normal noise of x's shape, drawn in the logical (NCHW) element order, then laid out as x; from
+    ``generator`` when given (the samplers' re-noising), else from the global stream (training).
 
     ``torch.randn_like`` fills a channels-last tensor in its memory order, so the same seed would give other
     noise per pixel under ``channels_last=true``: the training run would depend on the memory format, and
     resuming or comparing runs across formats would not continue the same draws (found by
     benchmarks/compile_check.py: compiled + channels-last had gradient cosine 0.974 against eager NCHW).
     """
-    eps = torch.randn(x.shape, device=x.device, dtype=x.dtype)
+    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         eps = eps.contiguous(memory_format=torch.channels_last)
     return eps

@@ -22,6 +22,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from sctlib.losses import noise_like
 from sctlib.schedules import karras_sigmas
 
 __all__ = [
@@ -36,10 +37,6 @@ __all__ = [
 
 PHASED_VARIANTS = ("interp", "scale", "renoise")
 Callback = Optional[Callable[[dict], None]]
-
-
-def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 @torch.no_grad()
@@ -58,7 +55,7 @@ def sample_multistep(f, noise: torch.Tensor, labels=None, *, t_steps: Sequence[f
         x0 = f(x, t_cur, labels)
         x = x0
         if i + 1 < len(t_steps):
-            x = x0 + t_steps[i + 1] * _randn_like(x0, generator)
+            x = x0 + t_steps[i + 1] * noise_like(x0, generator)
         if callback is not None:
             callback(dict(i=i, t=t_cur, x=x, x0=x0))
     return x.to(torch.float32)
@@ -116,7 +113,7 @@ def sample_phased(D, noise: torch.Tensor, labels=None, *, edges: Sequence[float]
             return x.to(torch.float32)
         s = _skip_target(edges, m, eta, variant)
         if variant == "renoise":
-            x = x0 + s * _randn_like(x0, generator)
+            x = x0 + s * noise_like(x0, generator)
         else:
             x = (s / t) * x + (1.0 - s / t) * x0
         if callback is not None:

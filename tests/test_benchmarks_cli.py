@@ -250,8 +250,12 @@ def test_data_throughput_times_items_and_batches_per_worker_count(tmp_path):
     assert all(_finite_positive(rec["meta"]["item_ms"][k]) for k in ("first_pass", "cached", "preloaded"))
     assert _finite_positive(rec["meta"]["preload_s"])
     for r in rec["rows"]:
-        assert _finite_positive(r["ms_per_batch"])
+        assert _finite_positive(r["ms_per_batch"]) and _finite_positive(r["median_wait_ms"]) and r["batches"] == 3
         assert math.isclose(r["img_per_s"], 16 / (r["ms_per_batch"] / 1e3), rel_tol=1e-9)
+    # more batches than one pass holds: capped (64 images = 4 batches of 16: a warm-up and 3 timed), not a crash
+    assert B.main(["--data", zpath, "--batch", "16", "--workers", "0", "--batches", "50", "--items", "8",
+                   "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"][0]["batches"] == 3
     with pytest.raises(SystemExit, match="no such"):
         B.main(["--data", str(tmp_path / "missing.zip")])
     with pytest.raises(SystemExit, match="at least 2 x --batch"):

@@ -140,3 +140,14 @@ def test_paper_presets_compile_and_train_channels_last_by_default():
         paper = name.startswith(("cifar10-", "imagenet64-"))
         assert (cfg.compile, cfg.channels_last) == ((True, True) if paper else (False, False)), name
         assert cfg.compile_mode == "default" and cfg.optim.impl == "foreach", name
+
+
+def test_cifar10_presets_hold_their_set_on_the_device_and_imagenet64_presets_do_not():
+    """Issue 12's data-path decision (sctlib/config.py, 'Data path'): 150 MiB of CIFAR-10 on the GPU, not 15.7 GiB
+    of ImageNet-64 per process."""
+    for name in C.PRESETS:
+        cfg = C.get_preset(name)
+        assert cfg.data_on_device == name.startswith("cifar10-"), name
+        assert C.validate(C.override(cfg, grad_sync="allreduce")).grad_sync == "allreduce"
+    with pytest.raises(C.ConfigError, match="grad_sync"):
+        C.validate(C.override(C.get_preset("cifar10-sct"), grad_sync="nccl"))

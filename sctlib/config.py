@@ -171,12 +171,12 @@ class TrainConfig:
     sample_nimg: int = 0                       # PNG sample-grid period in images (0 = start and end)
     max_nonfinite_steps: int = 10              # stop after this many consecutive non-finite steps
     workers: int = 0                           # DataLoader workers for real datasets
-    # Decode a real image set into host memory (uint8) before training: CIFAR-10 150 MiB, ImageNet-64 15.7 GiB. Without it
+    # Decode a real image set into host memory (uint8) before training: CIFAR-10 150 MiB, ImageNet-64 15.7 GB. Without it
     # each image is decoded on first use and cached per process, so the first pass over the data (and any run
     # shorter than one) pays the decoding in the step (with workers=0, in the training process itself).
     data_preload: bool = False
     # Decode the set into one uint8 tensor on the training device and gather each batch there (no DataLoader, no
-    # per-step host work; CIFAR-10 150 MiB, ImageNet-64 15.7 GiB of GPU memory per process). Implies data_preload.
+    # per-step host work; CIFAR-10 150 MiB, ImageNet-64 15.7 GB of GPU memory per process). Implies data_preload.
     data_on_device: bool = False
 
 
@@ -314,11 +314,14 @@ for _name in [n for n in PRESETS if n.startswith(("cifar10-", "imagenet64-"))]:
 for _name in [n for n in PRESETS if n.startswith(("cifar10-", "imagenet64-"))]:
     PRESETS[_name] = replace(PRESETS[_name], compile=True, channels_last=True)
 # Data path (issue 12): the CIFAR-10 presets hold the set on the GPU (data_on_device; 150 MiB of uint8) and gather each
-# batch there. Through the CLI on one H200 (cifar10-sct, 10 ticks of 40 steps, warm compile cache, one call;
+# batch there. Through the CLI on one H200 (cifar10-sct, 10 ticks of 40 steps = about the first pass over the set, warm
+# compile cache, one run each, back to back while the host's other GPU ran a compile check on other cores;
 # benchmarks/results/h200x2_cli_data_path.json): 1,047.6 img/s, ticks 937-1,131, against 799.1 (ticks 713-907) with the
-# DataLoader in the training process (workers=0), which decodes, collates and pins each batch between two steps that
-# wait on each other (one host sync per step: the skip decision). Same batches, same weights (tests/test_train.py).
-# ImageNet-64 stays on the DataLoader: its set is 15.7 GiB per process, and its SCT presets already hold one copy on
+# DataLoader in the training process (workers=0), which decodes (first pass), collates and pins each batch between
+# two steps that wait on each other (one host sync per step: the skip decision). An earlier session's DataLoader run
+# (4 ticks of 20 steps, h200x2_cli_ddp.json) gave 870.8. Later passes read a per-process cache: the gain there is not
+# measured. Same batches (bit-equal weights on the CPU, tests/test_train.py).
+# ImageNet-64 stays on the DataLoader: its set is 15.7 GB per process, and its SCT presets already hold one copy on
 # the GPU as references.
 for _name in [n for n in PRESETS if n.startswith("cifar10-")]:
     PRESETS[_name] = replace(PRESETS[_name], data_on_device=True)

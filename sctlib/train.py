@@ -161,6 +161,9 @@ def broadcast_parameters(net: nn.Module, src: int = 0) -> None:
             dist.broadcast(t.data, src)
 
 
+_ALLREDUCE_CHECKED: List[bool] = []
+
+
 def allreduce_mean(grads: List[torch.Tensor], world: int) -> None:
     """Average gradients over the ``world`` processes in place: one all-reduce per dtype on a flat copy.
 
@@ -169,6 +172,14 @@ def allreduce_mean(grads: List[torch.Tensor], world: int) -> None:
     """
     import torch.distributed as dist
 
+    if not _ALLREDUCE_CHECKED:  # once per process: the flat buffers pair gradients by position across processes
+        counts = [None] * world
+        dist.all_gather_object(counts, [(g.numel(), str(g.dtype)) for g in grads])
+        if any(c != counts[0] for c in counts):
+            n = [len(c) for c in counts]
+            raise RuntimeError(f"grad_sync=allreduce: the processes hold different gradients ({n} tensors per rank): a "
+                               "parameter got no gradient on some ranks; use grad_sync=ddp, which reports unused parameters")
+        _ALLREDUCE_CHECKED.append(True)
     by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
     for g in grads:
         by_dtype.setdefault(g.dtype, []).append(g)
@@ -348,7 +359,15 @@ class Trainer:
             X8, y8 = self.dataset.stored_uint8(self.device)
             self._on_device = (X8, y8, bool(getattr(self.dataset, "xflip", False)))
             if self.rank == 0:
-                print(f"data_on_device: {X8.shape[0]} images, {X8.numel() / 2**20:.0f} MiB on {self.device}", flush=True)
+                unused = f"; workers={cfg.workers} unused (no DataLoader)" if cfg.workers else ""
+                print(f"data_on_device: {X8.shape[0]} images, {X8.numel() / 2**20:.0f} MiB on {self.device}{unused}",
+                      flush=True)
+        elif cfg.data_on_device and not self.in_memory and hasattr(self.dataset, "preload") and self.rank == 0:
+            print(f"data_on_device: data set {cfg.dataset!r} has no stored_uint8(); it is preloaded into host memory "
+                  "and read through the DataLoader", flush=True)
+        if self.world > 1 and cfg.grad_sync == "allreduce" and cfg.ddp_bucket_mb and self.rank == 0:
+            print(f"ddp_bucket_mb={cfg.ddp_bucket_mb:g} unused: grad_sync=allreduce all-reduces the whole gradient once",
+                  flush=True)
         self.stream = IndexStream(len(self.dataset), cfg.seed)
         self._loader = None
 
@@ -362,6 +381,9 @@ class Trainer:
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
             if cfg.channels_last and cfg.net.arch != "mlp":
                 self.net = self.net.to(memory_format=torch.channels_last)
+        if self.world > 1 and cfg.grad_sync == "allreduce":
+            # What DDP does when it wraps: every process starts from rank 0's weights (before the EMA copies them).
+            broadcast_parameters(self.net)
         self.ema = EMA(self.net, cfg.ema_halflife_nimg, cfg.ema_rampup_ratio) if cfg.ema_halflife_nimg > 0 else None
         self.phema = PowerFunctionEMA(self.net, cfg.phema_stds) if cfg.phema_stds else None
         params = [p for p in self.net.parameters() if p.requires_grad]
@@ -379,8 +401,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision_rule.uses_fp16 else None
 
         ddp = ddp_wrapper(cfg, self.device) if self.world > 1 and cfg.grad_sync == "ddp" else None
-        if self.world > 1 and cfg.grad_sync == "allreduce":
-            broadcast_parameters(self.net)  # what DDP does when it wraps: every process starts from rank 0's weights
         compile_fn = None
         if cfg.compile and self.device.type == "cuda":
             # CUDA only: the presets compile by default, and on a CPU (tests, smoke runs) a compile costs minutes
@@ -411,7 +431,12 @@ class Trainer:
             return None
         from .references import build_references
 
-        data = (self.X, self.y) if self.in_memory else self.dataset
+        if self.in_memory:
+            data = (self.X, self.y)
+        elif self._on_device is not None:  # the stored images already on the device: not decoded or held twice
+            data = (self._on_device[0], self.dataset.labels())
+        else:
+            data = self.dataset
         return build_references(cfg.loss, dataset=data, num_classes=cfg.net.label_dim if cfg.cond else 0,
                                 device=self.device, seed=cfg.seed)
 
@@ -473,10 +498,10 @@ class Trainer:
         for j in range(0, self.per_rank, self.batch_gpu):
             sel = mine[j:j + self.batch_gpu]
             if self.in_memory:
-                sel_d = sel.to(self.device)
+                sel_d = self._indices_to_device(sel)
                 x0, y = self.X[sel_d], self.y[sel_d]
             elif self._on_device is not None:
-                x0, y = gather_batch(*self._on_device, sel.to(self.device))
+                x0, y = gather_batch(*self._on_device, self._indices_to_device(sel))
             else:
                 if self._loader is None:
                     self._loader = iter(self._make_loader())
@@ -486,6 +511,14 @@ class Trainer:
             if self.cfg.channels_last and x0.ndim == 4 and self.device.type == "cuda":
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             yield self.rank * self.per_rank + j, x0, (y if self.cfg.cond else None)
+
+    def _indices_to_device(self, sel: torch.Tensor) -> torch.Tensor:
+        """The batch's indices on the device. On CUDA through pinned memory without blocking: a copy from pageable
+        memory synchronises the stream, so the host would wait for the previous step's optimizer and EMA kernels
+        before it could launch the next forward pass."""
+        if self.device.type == "cuda":
+            return sel.pin_memory().to(self.device, non_blocking=True)
+        return sel.to(self.device)
 
     def _make_loader(self):
         """A DataLoader whose batch sampler yields this rank's micro-batches from ``self.nimg`` on."""

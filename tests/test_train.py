@@ -140,13 +140,14 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path,
     pass."""
     common = ["--preset", "digits-ect", "--no-progress", *TINY, "total_nimg=1024"]
     one = tmp_path / "one"
-    subprocess.run([sys.executable, "-m", "sctlib.train", "--run-dir", str(one), *common, "batch_gpu=16"],
+    subprocess.run([sys.executable, "-m", "sctlib.train", "--run-dir", str(one), *common, "batch_gpu=8"],
                    check=True, env=ENV, capture_output=True)
     two = tmp_path / "two"
     # ddp_bucket_mb: tiny gradient buckets (many all-reduces) sum the same numbers per element as one bucket
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "sctlib.train", "--run-dir", str(two), *common, "ddp_bucket_mb=0.01",
-                        f"grad_sync={sync}"],
+                        f"grad_sync={sync}", "batch_gpu=8"],  # 2 micro-batches per process: accumulation, then sync
+                       # (the draws are seeded per micro-batch, so the one-process run uses micro-batches of 8 too)
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     cfg2 = json.loads((two / "config.json").read_text())
@@ -489,12 +490,80 @@ def test_gather_batch_gives_the_items_the_data_set_gives(tmp_path, xflip):
     zpath = write_edm_zip(str(tmp_path / "d.zip"), rng.integers(0, 256, size=(12, 8, 8, 3), dtype=np.uint8),
                           labels=rng.integers(0, 5, size=12))
     ds = EDMZipDataset(zpath, cond=True, xflip=xflip)
+    ref = EDMZipDataset(zpath, cond=True, xflip=xflip)  # read as the DataLoader reads it: decoded on use
     X8, y8 = ds.stored_uint8()
     assert X8.dtype == torch.uint8 and X8.shape == (12, 3, 8, 8) and y8.dtype == torch.int64
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
     x, y = T.gather_batch(X8, y8, xflip, idx)
-    want = [ds[int(i)] for i in idx]
+    want = [ref[int(i)] for i in idx]
+    assert ref._preloaded is None
     assert torch.equal(x, torch.stack([w[0] for w in want]))
     assert y.tolist() == [w[1] for w in want]
     if xflip:
         assert (idx >= 12).any() and not torch.equal(x, T.gather_batch(X8, y8, False, idx)[0])
+
+
+_SYNC_SCRIPT = """
+import json, sys, torch, torch.distributed as dist
+from sctlib import train as T
+dist.init_process_group("gloo")
+r = dist.get_rank()
+torch.manual_seed(r)  # other weights on each rank
+net = torch.nn.Linear(3, 2)
+T.broadcast_parameters(net)
+w = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).tolist()
+g = [torch.full((2,), float(r)), torch.full((3,), 2.0 * r + 1, dtype=torch.float64)]
+if sys.argv[1] == "ok":
+    T.allreduce_mean(g, 2)
+    res = {"rank": r, "w": w, "g": [x.tolist() for x in g], "dtypes": [str(x.dtype) for x in g]}
+else:
+    res = {"rank": r, "error": ""}
+    try:
+        T.allreduce_mean(g[: 1 + r], 2)  # rank 1 holds one gradient more
+    except RuntimeError as e:
+        res["error"] = str(e)
+open(f"{sys.argv[2]}/rank{r}.json", "w").write(json.dumps(res))  # one file per rank: printed lines interleave
+"""
+
+
+@pytest.mark.parametrize("case", ["ok", "mismatch"])
+def test_grad_sync_allreduce_starts_from_rank_0_and_averages_each_dtype(tmp_path, case):
+    """grad_sync=allreduce's pieces on two gloo processes: broadcast_parameters gives every rank rank 0's weights;
+    allreduce_mean averages float32 and float64 gradients in place; processes holding different gradients are told
+    so (instead of all-reducing buffers of other lengths)."""
+    script = tmp_path / "sync.py"
+    script.write_text(_SYNC_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), case, str(tmp_path)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = {d["rank"]: d for d in (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1))}
+    assert set(out) == {0, 1}
+    if case == "ok":
+        torch.manual_seed(0)
+        want_w = torch.cat([p.detach().reshape(-1) for p in torch.nn.Linear(3, 2).parameters()]).tolist()
+        for d in out.values():
+            assert d["w"] == want_w
+            assert d["g"] == [[0.5, 0.5], [2.0, 2.0, 2.0]] and d["dtypes"] == ["torch.float32", "torch.float64"]
+    else:
+        assert all("different gradients" in d["error"] for d in out.values())
+
+
+def test_data_on_device_sct_references_share_the_stored_images(tmp_path):
+    """cifar10-sct with data_on_device: the 'dataset' references are the stored images themselves (not decoded and
+    held a second time) and equal the references built from the data set as before."""
+    import numpy as np
+
+    from sctlib.data import write_edm_zip
+
+    rng = np.random.default_rng(2)
+    zpath = write_edm_zip(str(tmp_path / "d.zip"), rng.integers(0, 256, size=(40, 8, 8, 3), dtype=np.uint8))
+    refs = {}
+    for on in (True, False):
+        cfg = _tiny("cifar10-sct", "dataset=edmzip", f"data_path={zpath}", "init=", "net.img_resolution=8",
+                    "net.model_channels=16", "net.channel_mult=1,1", "net.num_blocks=1", "net.attn_resolutions=",
+                    "batch_size=8", "total_nimg=16", f"data_on_device={str(on).lower()}")
+        tr = T.Trainer(cfg, tmp_path / str(on), progress=False)
+        refs[on] = tr.loss_fn.references
+        if on:
+            assert refs[on].store.data_ptr() == tr._on_device[0].data_ptr()
+    assert torch.equal(refs[True].store, refs[False].store) and torch.equal(refs[True].sq, refs[False].sq)

@@ -158,7 +158,10 @@ def broadcast_parameters(net: nn.Module, src: int = 0) -> None:
 
     with torch.no_grad():
         for t in list(net.parameters()) + list(net.buffers()):
-            dist.broadcast(t.data, src)
+            buf = t.data.contiguous()  # channels-last weights: collectives take tensors contiguous in NCHW order
+            dist.broadcast(buf, src)
+            if buf.data_ptr() != t.data.data_ptr():
+                t.data.copy_(buf)
 
 
 _ALLREDUCE_CHECKED: List[bool] = []

@@ -509,8 +509,9 @@ from sctlib import train as T
 dist.init_process_group("gloo")
 r = dist.get_rank()
 torch.manual_seed(r)  # other weights on each rank
-net = torch.nn.Linear(3, 2)
+net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Conv2d(2, 3, 3)).to(memory_format=torch.channels_last)
 T.broadcast_parameters(net)
+assert net[1].weight.is_contiguous(memory_format=torch.channels_last)  # the layout is kept
 w = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).tolist()
 g = [torch.full((2,), float(r)), torch.full((3,), 2.0 * r + 1, dtype=torch.float64)]
 if sys.argv[1] == "ok":
@@ -540,7 +541,8 @@ def test_grad_sync_allreduce_starts_from_rank_0_and_averages_each_dtype(tmp_path
     assert set(out) == {0, 1}
     if case == "ok":
         torch.manual_seed(0)
-        want_w = torch.cat([p.detach().reshape(-1) for p in torch.nn.Linear(3, 2).parameters()]).tolist()
+        ref = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Conv2d(2, 3, 3))
+        want_w = torch.cat([p.detach().reshape(-1) for p in ref.parameters()]).tolist()
         for d in out.values():
             assert d["w"] == want_w
             assert d["g"] == [[0.5, 0.5], [2.0, 2.0, 2.0]] and d["dtypes"] == ["torch.float32", "torch.float64"]

@@ -33,6 +33,7 @@ order, so the channels-last variant trained on other noise per pixel (fixed: `sc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -63,27 +64,29 @@ def _flat(net) -> torch.Tensor:
     return torch.cat([p.detach().float().reshape(-1) for p in net.parameters()])
 
 
+@contextlib.contextmanager
+def synthetic_trainer(cfg, device: str):
+    """A Trainer on an in-memory synthetic set of 4 batches, in a temporary run directory removed afterwards."""
+    ds = SyntheticImages.for_config(cfg, 4 * cfg.batch_size, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Trainer(cfg, tmp, progress=False, dataset=ds)
+
+
 def warm_state(cfg, steps: int, device: str) -> dict:
     """The network's weights after ``steps`` eager steps from its initialisation (the same for every variant).
 
     EDM2 initialises its output gain to 0, so at initialisation the first gradient is that one number's alone;
     from warmed weights the first compared gradient is the whole network's."""
-    ds = SyntheticImages.for_config(cfg, 4 * cfg.batch_size, device)
-    with tempfile.TemporaryDirectory() as tmp:
-        tr = Trainer(replace(cfg, compile=False, channels_last=False), tmp, progress=False, dataset=ds)
+    with synthetic_trainer(replace(cfg, compile=False, channels_last=False), device) as tr:
         for _ in range(steps):
             tr.train_step()
-        state = {k: v.detach().clone() for k, v in tr.net.state_dict().items()}
-        del tr
-    return state
+        return {k: v.detach().clone() for k, v in tr.net.state_dict().items()}
 
 
 def run_variant(cfg, steps: int, device: str, start_nimg: int = 0, state: dict | None = None):
     """Losses per step and the total weight change of one Trainer, its first step at ``start_nimg`` images,
     from ``state`` (a state dict) when given, else from the network's initialisation."""
-    ds = SyntheticImages.for_config(cfg, 4 * cfg.batch_size, device)
-    with tempfile.TemporaryDirectory() as tmp:
-        tr = Trainer(cfg, tmp, progress=False, dataset=ds)
+    with synthetic_trainer(cfg, device) as tr:
         if state is not None:
             tr.net.load_state_dict(state)  # copies into the existing (possibly channels-last) parameters
         tr.nimg = start_nimg  # the stage (and the learning rate) of that point of the schedule
@@ -98,7 +101,7 @@ def run_variant(cfg, steps: int, device: str, start_nimg: int = 0, state: dict |
                 g1 = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().reshape(-1)
                                 for p in tr.net.parameters()])
         dw = _flat(tr.net) - w0
-        del tr
+    del tr  # before empty_cache: the Trainer holds the network, optimizer state and EMA on the device
     if device == "cuda":
         torch.cuda.empty_cache()
     return losses, g1, dw

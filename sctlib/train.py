@@ -164,25 +164,23 @@ def broadcast_parameters(net: nn.Module, src: int = 0) -> None:
                 t.data.copy_(buf)
 
 
-_ALLREDUCE_CHECKED: List[bool] = []
-
-
-def allreduce_mean(grads: List[torch.Tensor], world: int) -> None:
+def allreduce_mean(grads: List[torch.Tensor], world: int, check: bool = False) -> None:
     """Average gradients over the ``world`` processes in place: one all-reduce per dtype on a flat copy.
 
     ``grad_sync='allreduce'``: after the whole backward pass, so nothing overlaps it, but the compiled graph stays
     the one-process graph (DDP splits it at its buckets). The mean matches DDP's up to the order of the sums.
+    ``check``: first make sure every process holds the same gradients (the flat buffers pair them by position);
+    the trainer asks on its first step.
     """
     import torch.distributed as dist
 
-    if not _ALLREDUCE_CHECKED:  # once per process: the flat buffers pair gradients by position across processes
+    if check:
         counts = [None] * world
         dist.all_gather_object(counts, [(g.numel(), str(g.dtype)) for g in grads])
         if any(c != counts[0] for c in counts):
             n = [len(c) for c in counts]
             raise RuntimeError(f"grad_sync=allreduce: the processes hold different gradients ({n} tensors per rank): a "
                                "parameter got no gradient on some ranks; use grad_sync=ddp, which reports unused parameters")
-        _ALLREDUCE_CHECKED.append(True)
     by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
     for g in grads:
         by_dtype.setdefault(g.dtype, []).append(g)
@@ -368,7 +366,11 @@ class Trainer:
         elif cfg.data_on_device and not self.in_memory and hasattr(self.dataset, "preload") and self.rank == 0:
             print(f"data_on_device: data set {cfg.dataset!r} has no stored_uint8(); it is preloaded into host memory "
                   "and read through the DataLoader", flush=True)
-        if self.world > 1 and cfg.grad_sync == "allreduce" and cfg.ddp_bucket_mb and self.rank == 0:
+        # How the processes combine gradients (cfg.grad_sync): DDP, or one all-reduce after the backward pass.
+        self._ddp_sync = self.world > 1 and cfg.grad_sync == "ddp"
+        self._allreduce_sync = self.world > 1 and cfg.grad_sync == "allreduce"
+        self._grads_checked = False
+        if self._allreduce_sync and cfg.ddp_bucket_mb and self.rank == 0:
             print(f"ddp_bucket_mb={cfg.ddp_bucket_mb:g} unused: grad_sync=allreduce all-reduces the whole gradient once",
                   flush=True)
         self.stream = IndexStream(len(self.dataset), cfg.seed)
@@ -384,7 +386,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
             if cfg.channels_last and cfg.net.arch != "mlp":
                 self.net = self.net.to(memory_format=torch.channels_last)
-        if self.world > 1 and cfg.grad_sync == "allreduce":
+        if self._allreduce_sync:
             # What DDP does when it wraps: every process starts from rank 0's weights (before the EMA copies them).
             broadcast_parameters(self.net)
         self.ema = EMA(self.net, cfg.ema_halflife_nimg, cfg.ema_rampup_ratio) if cfg.ema_halflife_nimg > 0 else None
@@ -403,7 +405,7 @@ class Trainer:
             set_tf32(self.precision, cfg.tf32)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision_rule.uses_fp16 else None
 
-        ddp = ddp_wrapper(cfg, self.device) if self.world > 1 and cfg.grad_sync == "ddp" else None
+        ddp = ddp_wrapper(cfg, self.device) if self._ddp_sync else None
         compile_fn = None
         if cfg.compile and self.device.type == "cuda":
             # CUDA only: the presets compile by default, and on a CPU (tests, smoke runs) a compile costs minutes
@@ -932,7 +934,7 @@ class Trainer:
             # draw the same t, eps and dropout masks.
             torch.manual_seed(seed_for(cfg.seed, self.nimg + offset))
             sync = contextlib.nullcontext()
-            if self.world > 1 and cfg.grad_sync == "ddp" and i < len(micro) - 1:
+            if self._ddp_sync and i < len(micro) - 1:
                 sync = self.ddp.no_sync()  # all-reduce only on the last micro-batch
             with sync:
                 with self._autocast(), _phase("loss"):
@@ -948,9 +950,10 @@ class Trainer:
             self._accumulate(loss, stats)
 
         params = [p for p in self.net.parameters() if p.grad is not None]
-        if self.world > 1 and cfg.grad_sync == "allreduce":
+        if self._allreduce_sync:
             with _phase("allreduce"):
-                allreduce_mean([p.grad for p in params], self.world)
+                allreduce_mean([p.grad for p in params], self.world, check=not self._grads_checked)
+            self._grads_checked = True
         with _phase("grad_norm"):
             if scaler is not None:
                 scaler.unscale_(self.opt)

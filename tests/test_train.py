@@ -515,12 +515,12 @@ assert net[1].weight.is_contiguous(memory_format=torch.channels_last)  # the lay
 w = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).tolist()
 g = [torch.full((2,), float(r)), torch.full((3,), 2.0 * r + 1, dtype=torch.float64)]
 if sys.argv[1] == "ok":
-    T.allreduce_mean(g, 2)
+    T.allreduce_mean(g, 2, check=True)
     res = {"rank": r, "w": w, "g": [x.tolist() for x in g], "dtypes": [str(x.dtype) for x in g]}
 else:
     res = {"rank": r, "error": ""}
     try:
-        T.allreduce_mean(g[: 1 + r], 2)  # rank 1 holds one gradient more
+        T.allreduce_mean(g[: 1 + r], 2, check=True)  # rank 1 holds one gradient more
     except RuntimeError as e:
         res["error"] = str(e)
 open(f"{sys.argv[2]}/rank{r}.json", "w").write(json.dumps(res))  # one file per rank: printed lines interleave

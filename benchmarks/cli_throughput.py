@@ -24,11 +24,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 
 def run_cli(preset: str, data: str, nproc: int, batch_gpu: int, ticks: int, steps_per_tick: int,
-            extra, run_dir: Path, env=None) -> dict:
-    """One training run through the CLI; returns its per-tick rates and wall times."""
+            extra, run_dir: Path, env=None, log: Optional[Path] = None) -> dict:
+    """One training run through the CLI; returns its per-tick rates and wall times.
+
+    ``log``: the run's output goes to this file as it is written (a run cut by a time limit still shows how
+    far it got); otherwise it is captured and shown only on failure."""
     batch = batch_gpu * nproc
     tick_nimg = batch * steps_per_tick
     args = ["--preset", preset, "--run-dir", str(run_dir), "--no-progress", "dataset=edmzip", f"data_path={data}",
@@ -40,10 +44,19 @@ def run_cli(preset: str, data: str, nproc: int, batch_gpu: int, ticks: int, step
     else:
         cmd = [sys.executable, "-m", "sctlib.train", *args]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as fh:
+            fh.write(" ".join(cmd) + "\n")
+            fh.flush()
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True, env=env)
+        output = log.read_text()
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        output = proc.stderr
     wall = time.time() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}\nfailed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(cmd)}\nfailed ({proc.returncode}):\n{output[-3000:]}")
     lines = [json.loads(l) for l in (run_dir / "stats.jsonl").read_text().splitlines() if l.strip()]
     return {"rates": [l["img_per_s"] for l in lines], "times": [l["time"] for l in lines],
             "peak_mem_gib": max((l.get("peak_mem_gib") or 0.0) for l in lines),
@@ -84,6 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every run (e.g. compile=true)")
     ap.add_argument("--label", default="preset defaults")
     ap.add_argument("--tiny", action="store_true", help="small networks on the CPU, a written 256-image zip")
+    ap.add_argument("--logs", default="", help="folder for each run's output as it is written (<preset>-<nproc>.log)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
 
@@ -110,21 +124,29 @@ def main(argv=None) -> int:
           f"{'tick 1 s':>9} {'peak GiB':>9} {'wall s':>7}  format", flush=True)
     for preset in args.presets.split(","):
         base = None
-        for n in procs:
+        for n in procs:  # in the order given: "2,1" runs the 2-process row first (both ranks on a cold cache)
             res = run_cli(preset, data, n, args.batch_gpu, args.ticks, args.steps_per_tick, extra,
-                          Path(tmp.name) / f"{preset}-{n}")
+                          Path(tmp.name) / f"{preset}-{n}",
+                          log=Path(args.logs) / f"{preset}-{n}.log" if args.logs else None)
             row = {"preset": preset, "nproc": n,
                    **summarise(res, args.skip_ticks, args.batch_gpu * n * args.steps_per_tick)}
+            rows.append(row)
             if n == 1:
                 base = row["img_per_s"]
-            row["ddp_efficiency"] = row["img_per_s"] / (n * base) if (base and n > 1) else None
-            rows.append(row)
+            for r in rows:  # a row measured before its preset's 1-process row gets its efficiency now
+                if r["preset"] == preset:
+                    r["ddp_efficiency"] = r["img_per_s"] / (r["nproc"] * base) if (base and r["nproc"] > 1) else None
             eff = f"{row['ddp_efficiency']:.3f}" if row["ddp_efficiency"] is not None else "-"
             print(f"{preset:<16} {n:>5} {row['img_per_s']:>9.1f} {row['img_per_s'] / n:>9.1f} {eff:>8} "
                   f"{row['spread']:>7.3f} {row['first_tick_s']:>9.1f} {row['peak_mem_gib']:>9.2f} "
                   f"{row['wall_s']:>7.1f}  {row['precision']}", flush=True)
             if args.out:  # after every row: a later failure keeps what was measured
                 Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        if procs and procs[0] != 1:  # rows printed before their baseline existed
+            for r in rows:
+                if r["preset"] == preset and r["ddp_efficiency"] is not None:
+                    print(f"{preset:<16} {r['nproc']:>5} DDP efficiency {r['ddp_efficiency']:.3f} "
+                          f"(against the 1-process row measured after it)", flush=True)
     tmp.cleanup()
     return 0
 

@@ -109,13 +109,19 @@ ddp-probe)
           --steps-per-tick 20 --extra compile_mode=reduce-overhead --label "CUDA graphs" --out "$RES/bench_cli_ddp_cudagraphs.json" ;;
     allreduce-device)  # one all-reduce after the backward pass (the compiled graph of one process kept whole) and
                        # the set held on the GPU (no per-step host work for data): the candidate defaults together
-      # One call of its own (~9 min): from a cold cache the 1-process compile takes ~170 s, and the 2-process run did
+      # One call of its own (540 s): from a cold cache the 1-process compile takes ~170 s, and the 2-process run did
       # not get through its compile in 108-145 s after it, three times on 2026-11-29 (Inductor's graph cache key holds
-      # the device, so rank 1's graphs on cuda:1 probably miss what the 1-process run left); ticks 2-3 after a cold
-      # compile are still slow (664 img/s in one), so three ticks are skipped.
-      b bench_cli_allreduce_device 570 $PY benchmarks/cli_throughput.py --data "$DATA" --presets cifar10-sct --nproc 1,2 \
-          --ticks 8 --steps-per-tick 30 --skip-ticks 3 --extra grad_sync=allreduce data_on_device=true \
-          --label "grad_sync=allreduce data_on_device" --out "$RES/bench_cli_allreduce_device.json" ;;
+      # the device, so rank 1's graphs on cuda:1 probably miss what the 1-process run left). So the 2-process run goes
+      # first, with the time, and the 1-process run after it reuses rank 0's graphs; each run's output is written to
+      # logs_allreduce_device/ as it runs (with recompilations), and the GPUs are sampled every 5 s. Ticks 2-3 after a
+      # cold compile are still slow (664 img/s in one), so three ticks are skipped.
+      nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv -l 5 > "$RES/smi_allreduce_device.csv" 2>&1 &
+      smi=$!
+      TORCH_LOGS=${TORCH_LOGS:-recompiles} b bench_cli_allreduce_device 540 $PY benchmarks/cli_throughput.py --data "$DATA" \
+          --presets cifar10-sct --nproc 2,1 --ticks 8 --steps-per-tick 30 --skip-ticks 3 \
+          --extra grad_sync=allreduce data_on_device=true --label "grad_sync=allreduce data_on_device" \
+          --logs "$RES/logs_allreduce_device" --out "$RES/bench_cli_allreduce_device.json"
+      kill $smi ;;
     allreduce)  # grad_sync=allreduce alone (data read as the preset reads it)
       b bench_cli_allreduce 240 $PY benchmarks/cli_throughput.py --data "$DATA" --presets cifar10-sct --nproc 1,2 \
           --ticks 5 --steps-per-tick 20 --extra grad_sync=allreduce --label "grad_sync=allreduce" \

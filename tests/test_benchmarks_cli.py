@@ -28,7 +28,7 @@ def _finite_positive(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
-def _run_tiny(tmp_path, monkeypatch, capsys, presets, nprocs):
+def _run_tiny(tmp_path, monkeypatch, capsys, presets, nprocs, more=()):
     """main(--tiny) with the JSON written to tmp_path; returns (record, printed table, {(preset, n): stats lines})."""
     # One OpenMP thread per training process (as tests/test_train.py does): on the 2-core machine two threads in
     # one process at times run the tiny network ~100x slower; torchrun sets 1 for its workers itself.
@@ -37,14 +37,14 @@ def _run_tiny(tmp_path, monkeypatch, capsys, presets, nprocs):
     stats = {}
     real_run_cli = B.run_cli
 
-    def spy(preset, data, nproc, batch_gpu, ticks, steps_per_tick, extra, run_dir, env=None):
-        res = real_run_cli(preset, data, nproc, batch_gpu, ticks, steps_per_tick, extra, run_dir, env=env)
+    def spy(preset, data, nproc, batch_gpu, ticks, steps_per_tick, extra, run_dir, env=None, log=None):
+        res = real_run_cli(preset, data, nproc, batch_gpu, ticks, steps_per_tick, extra, run_dir, env=env, log=log)
         stats[preset, nproc] = [json.loads(l) for l in (run_dir / "stats.jsonl").read_text().splitlines() if l.strip()]
         return res
 
     monkeypatch.setattr(B, "run_cli", spy)
     out = tmp_path / "cli.json"
-    argv = ["--tiny", "--presets", ",".join(presets), "--nproc", ",".join(map(str, nprocs)), "--out", str(out)]
+    argv = ["--tiny", "--presets", ",".join(presets), "--nproc", ",".join(map(str, nprocs)), "--out", str(out), *more]
     assert B.main(argv) == 0
     assert out.is_file()
     rec = json.loads(out.read_text())
@@ -63,7 +63,7 @@ def _check(rec, table, stats, presets, nprocs):
     assert [(r["preset"], r["nproc"]) for r in rows] == [(p, n) for p in presets for n in nprocs]
     assert set(stats) == {(p, n) for p in presets for n in nprocs}
 
-    base = {}
+    base = {r["preset"]: r["img_per_s"] for r in rows if r["nproc"] == 1}
     for r in rows:
         p, n = r["preset"], r["nproc"]
         tick_nimg = batch_gpu * n * steps
@@ -90,7 +90,6 @@ def _check(rec, table, stats, presets, nprocs):
         assert r["precision"] == lines[-1]["precision"] == "fp32"
         assert r["peak_mem_gib"] == 0.0  # not recorded on the CPU
         if n == 1:
-            base[p] = r["img_per_s"]
             assert r["ddp_efficiency"] is None
         else:
             assert _finite_positive(r["ddp_efficiency"])
@@ -113,9 +112,18 @@ def test_cli_throughput_tiny_one_process(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_throughput_tiny_ddp(tmp_path, monkeypatch, capsys):
-    """nproc 1 and 2 (torchrun, gloo): the 2-process row's rate and its DDP efficiency against the 1-process row."""
-    presets, nprocs = ["cifar10-ect"], [1, 2]
-    _check(*_run_tiny(tmp_path, monkeypatch, capsys, presets, nprocs), presets, nprocs)
+    """nproc 2 then 1 (torchrun, gloo): the 2-process row's DDP efficiency against the 1-process row measured after
+    it, and each run's output written to its log as it ran."""
+    presets, nprocs = ["cifar10-ect"], [2, 1]
+    logs = tmp_path / "logs"
+    rec, table, stats = _run_tiny(tmp_path, monkeypatch, capsys, presets, nprocs, more=["--logs", str(logs)])
+    _check(rec, table.split("DDP efficiency")[0].rsplit("\n", 1)[0], stats, presets, nprocs)
+    two = rec["rows"][0]
+    assert f"cifar10-ect 2 DDP efficiency {two['ddp_efficiency']:.3f}" in " ".join(table.split())
+    for n in nprocs:
+        log = (logs / f"cifar10-ect-{n}.log").read_text()
+        assert log.splitlines()[0] == rec["rows"][nprocs.index(n)]["command"]
+        assert "tick" in log  # the trainer's own progress lines, not only the command
 
 
 def test_summarise_skips_start_up_ticks():

@@ -8,10 +8,13 @@ loading, the preset's defaults, EMA, tick bookkeeping, DDP) and reports, per pre
   holds start-up work: cuDNN autotuning, ``torch.compile``'s compilation, the first sample grid);
 - ``first_tick_s``: the first tick's wall time, so the compile warm-up is reported apart from the rate;
 - ``ddp_efficiency`` (rows with nproc > 1): rate / (nproc x the 1-process rate of the same preset and
-  overrides, measured in the same invocation), at the same per-GPU batch (``--batch-gpu``).
+  overrides, measured in the same invocation: the 1-process row just before, else the first after;
+  ``baseline_row`` names it), at the same per-GPU batch (``--batch-gpu``). ``--nproc 1,2,1,2`` alternates the
+  process counts and gives one efficiency per pair, so that their spread is measured too.
 
     python benchmarks/cli_throughput.py --data natural-32.zip --presets cifar10-ect,cifar10-sct --nproc 1,2
     python benchmarks/cli_throughput.py --data natural-32.zip --presets cifar10-ect --extra compile=false channels_last=false  # eager
+    python benchmarks/cli_throughput.py --data natural-32.zip --presets cifar10-sct --nproc 1,2,1,2 --logs logs/
     python benchmarks/cli_throughput.py --tiny        # CPU plumbing check on a small written zip (gloo for nproc 2)
 """
 from __future__ import annotations
@@ -74,6 +77,21 @@ def summarise(res: dict, skip: int, tick_nimg: int) -> dict:
             "precision": res["precision"], "wall_s": res["wall_s"], "command": res["command"]}
 
 
+def _pair_efficiencies(rows: list) -> None:
+    """Each multi-process row's DDP efficiency against its preset's 1-process row measured just before it, or, when
+    none was, the first one after it (``baseline_row``: that row's index in ``rows``, one preset's rows in run order)."""
+    for i, r in enumerate(rows):
+        r["ddp_efficiency"], r["baseline_row"] = None, None
+        if r["nproc"] == 1:
+            continue
+        before = [j for j in range(i) if rows[j]["nproc"] == 1]
+        after = [j for j in range(i + 1, len(rows)) if rows[j]["nproc"] == 1]
+        j = before[-1] if before else (after[0] if after else None)
+        if j is not None:
+            r["baseline_row"] = j
+            r["ddp_efficiency"] = r["img_per_s"] / (r["nproc"] * rows[j]["img_per_s"])
+
+
 def _tiny_zip(path: Path) -> str:
     import numpy as np
 
@@ -123,30 +141,27 @@ def main(argv=None) -> int:
     print(f"{'preset':<16} {'nproc':>5} {'img/s':>9} {'per GPU':>9} {'DDP eff':>8} {'spread':>7} "
           f"{'tick 1 s':>9} {'peak GiB':>9} {'wall s':>7}  format", flush=True)
     for preset in args.presets.split(","):
-        base = None
-        for n in procs:  # in the order given: "2,1" runs the 2-process row first (both ranks on a cold cache)
+        mine = []  # this preset's rows, in the order run
+        for k, n in enumerate(procs):  # in the order given: "2,1" runs the 2-process row first (both ranks on a
+            # cold cache); "1,2,1,2" alternates, each multi-process row paired with the 1-process row before it
+            name = f"{preset}-{n}" if procs.count(n) == 1 else f"{preset}-{n}-{k}"  # a repeated count: its own run
             res = run_cli(preset, data, n, args.batch_gpu, args.ticks, args.steps_per_tick, extra,
-                          Path(tmp.name) / f"{preset}-{n}",
-                          log=Path(args.logs) / f"{preset}-{n}.log" if args.logs else None)
+                          Path(tmp.name) / name, log=Path(args.logs) / f"{name}.log" if args.logs else None)
             row = {"preset": preset, "nproc": n,
                    **summarise(res, args.skip_ticks, args.batch_gpu * n * args.steps_per_tick)}
             rows.append(row)
-            if n == 1:
-                base = row["img_per_s"]
-            for r in rows:  # a row measured before its preset's 1-process row gets its efficiency now
-                if r["preset"] == preset:
-                    r["ddp_efficiency"] = r["img_per_s"] / (r["nproc"] * base) if (base and r["nproc"] > 1) else None
+            mine.append(row)
+            _pair_efficiencies(mine)
             eff = f"{row['ddp_efficiency']:.3f}" if row["ddp_efficiency"] is not None else "-"
             print(f"{preset:<16} {n:>5} {row['img_per_s']:>9.1f} {row['img_per_s'] / n:>9.1f} {eff:>8} "
                   f"{row['spread']:>7.3f} {row['first_tick_s']:>9.1f} {row['peak_mem_gib']:>9.2f} "
                   f"{row['wall_s']:>7.1f}  {row['precision']}", flush=True)
             if args.out:  # after every row: a later failure keeps what was measured
                 Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        if procs and procs[0] != 1:  # rows printed before their baseline existed
-            for r in rows:
-                if r["preset"] == preset and r["ddp_efficiency"] is not None:
-                    print(f"{preset:<16} {r['nproc']:>5} DDP efficiency {r['ddp_efficiency']:.3f} "
-                          f"(against the 1-process row measured after it)", flush=True)
+        for i, r in enumerate(mine):  # rows printed before their baseline existed
+            if r["ddp_efficiency"] is not None and r["baseline_row"] > i:
+                print(f"{preset:<16} {r['nproc']:>5} DDP efficiency {r['ddp_efficiency']:.3f} "
+                      f"(against the 1-process row measured after it)", flush=True)
     tmp.cleanup()
     return 0
 

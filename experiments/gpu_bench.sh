@@ -67,7 +67,8 @@ sample)
 ddp)
   nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv > "$RES/bench_gpu_state_ddp.txt" 2>&1
   [ -f "$DATA" ] || $PY -m sctlib.data natural "$DATA" --resolution 32 --no-progress
-  # Issue 12: DDP on 2 GPUs vs 1 at 128 images per GPU, the presets' own defaults (compiled), through the CLI.
+  # Issue 12: 2 GPUs vs 1 at 128 images per GPU, the presets' own defaults (compiled; for CIFAR-10 since the sixth
+  # session of 2026-11-29 also grad_sync=allreduce and data_on_device), through the CLI.
   # (one preset: with cold compiles the 1- and 2-process runs take ~3 and ~4 minutes)
   b bench_cli_ddp ${DDP_SECONDS:-480} $PY benchmarks/cli_throughput.py --data "$DATA" --presets ${DDP_PRESETS:-cifar10-sct} \
       --nproc 1,2 --ticks 4 --steps-per-tick 20 --out "$RES/bench_cli_ddp.json"
@@ -108,24 +109,30 @@ ddp-probe)
       b bench_cli_ddp_cudagraphs 480 $PY benchmarks/cli_throughput.py --data "$DATA" --presets cifar10-sct --nproc 1,2 --ticks 4 \
           --steps-per-tick 20 --extra compile_mode=reduce-overhead --label "CUDA graphs" --out "$RES/bench_cli_ddp_cudagraphs.json" ;;
     allreduce-device)  # one all-reduce after the backward pass (the compiled graph of one process kept whole) and
-                       # the set held on the GPU (no per-step host work for data): the candidate defaults together
-      # One call of its own (540 s): from a cold cache the 1-process compile takes ~170 s, and the 2-process run did
-      # not get through its compile in 108-145 s after it, three times on 2026-11-29 (Inductor's graph cache key holds
-      # the device, so rank 1's graphs on cuda:1 probably miss what the 1-process run left). So the 2-process run goes
-      # first, with the time, and the 1-process run after it reuses rank 0's graphs; each run's output is written to
-      # logs_allreduce_device/ as it runs (with recompilations), and the GPUs are sampled every 5 s. Ticks 2-3 after a
-      # cold compile are still slow (664 img/s in one), so three ticks are skipped.
+                       # the set held on the GPU: the CIFAR-10 presets' defaults since 2026-11-29 (sixth session)
+      # One call of its own (540 s). 2026-11-29 (sixth session): the 2-process cold compile took 165 s (first tick),
+      # like one process's; efficiencies 0.833 and 0.891 in two runs, ticks spreading 8-24%. So: 2,1,1,2 = two
+      # independent pairs (each 2-process row against its neighbouring 1-process row), the cold compile in the
+      # first 2-process run; each run's output in logs_allreduce_device/ as it runs, the GPUs sampled every 5 s.
       nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv -l 5 > "$RES/smi_allreduce_device.csv" 2>&1 &
       smi=$!
       TORCH_LOGS=${TORCH_LOGS:-recompiles} b bench_cli_allreduce_device 540 $PY benchmarks/cli_throughput.py --data "$DATA" \
-          --presets cifar10-sct --nproc 2,1 --ticks 8 --steps-per-tick 30 --skip-ticks 3 \
+          --presets cifar10-sct --nproc 2,1,1,2 --ticks 8 --steps-per-tick 30 --skip-ticks 3 \
           --extra grad_sync=allreduce data_on_device=true --label "grad_sync=allreduce data_on_device" \
           --logs "$RES/logs_allreduce_device" --out "$RES/bench_cli_allreduce_device.json"
       kill $smi ;;
-    allreduce)  # grad_sync=allreduce alone (data read as the preset reads it)
-      b bench_cli_allreduce 240 $PY benchmarks/cli_throughput.py --data "$DATA" --presets cifar10-sct --nproc 1,2 \
-          --ticks 5 --steps-per-tick 20 --extra grad_sync=allreduce --label "grad_sync=allreduce" \
-          --out "$RES/bench_cli_allreduce.json" ;;
+    omp)  # torchrun gives each worker OMP_NUM_THREADS=1, a single process gets every core: one process both ways
+      OMP_NUM_THREADS=1 b bench_cli_omp1 200 $PY benchmarks/cli_throughput.py --data "$DATA" --presets cifar10-sct \
+          --nproc 1,1 --ticks 8 --steps-per-tick 30 --skip-ticks 3 --label "OMP_NUM_THREADS=1" --out "$RES/bench_cli_omp1.json"
+      b bench_cli_omp_default 200 $PY benchmarks/cli_throughput.py --data "$DATA" --presets cifar10-sct \
+          --nproc 1,1 --ticks 8 --steps-per-tick 30 --skip-ticks 3 --label "OMP default" --out "$RES/bench_cli_omp_default.json" ;;
+    ddp-sync)  # the preset's defaults with DDP instead of one all-reduce, 2-process rows alternating with the default
+      b bench_cli_ddp_sync 300 $PY benchmarks/cli_throughput.py --data "$DATA" --presets cifar10-sct --nproc 2 \
+          --ticks 8 --steps-per-tick 30 --skip-ticks 3 --extra grad_sync=ddp --label "grad_sync=ddp" \
+          --out "$RES/bench_cli_ddp_sync.json"
+      b bench_cli_allreduce_sync 150 $PY benchmarks/cli_throughput.py --data "$DATA" --presets cifar10-sct --nproc 2 \
+          --ticks 8 --steps-per-tick 30 --skip-ticks 3 --label "grad_sync=allreduce (default)" \
+          --out "$RES/bench_cli_allreduce_sync.json" ;;
     equiv-allreduce)  # compiled 2 processes with grad_sync=allreduce vs one compiled process, and compiled vs eager
       b bench_ddp_equivalence_allreduce 330 $PY benchmarks/ddp_equivalence.py --nproc 2 --device cuda --preset digits-sct \
           --total-nimg 4096 --extra loss.ref_source=all compile=true net.dropout=0 grad_sync=allreduce \
@@ -133,7 +140,7 @@ ddp-probe)
     equiv)  # compiled DDP vs one compiled process, next to compiled vs eager in one process (the tolerance's scale)
       b bench_ddp_equivalence_compiled 240 $PY benchmarks/ddp_equivalence.py --nproc 2 --device cuda --preset digits-sct \
           --total-nimg 4096 --extra loss.ref_source=all compile=true net.dropout=0 --yardstick compile=false ;;
-    *) echo "unknown probe $probe (preload nccl bucket eager cudagraphs equiv data allreduce-device allreduce equiv-allreduce)" >&2 ;;
+    *) echo "unknown probe $probe (preload nccl bucket eager cudagraphs equiv data allreduce-device omp ddp-sync equiv-allreduce)" >&2 ;;
     esac
   done
   ;;

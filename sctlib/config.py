@@ -80,7 +80,8 @@ class LossConfig:
     c: float = 0.0                             # pseudo-Huber constant (0 = plain L2 norm)
     weighting: str = "inv_dt"                  # 'inv_dt' = 1/(t-r) | 'snrpk' = 1/t^2 + 1/sigma_data^2 | 'edm' | 'uniform'
     edges: Tuple[float, ...] = (0.0,)          # phase edges s_0 < s_1 < ...; (0,) = one phase [RECON for >1]
-    # SCT reference set [RECON]: 'batch' | 'all' (all ranks) | 'bank' (memory bank) | 'dataset' (the whole
+    # SCT reference set [RECON]: 'batch' (the micro-batch) | 'all' (the step's global batch: all ranks and
+    # micro-batches) | 'bank' (memory bank) | 'dataset' (the whole
     # training set, on the device as uint8, streamed in chunks; class-restricted for conditional models)
     ref_source: str = "batch"
     ref_size: int = 0                          # 'bank': capacity in images; 'dataset': fixed random subset (0 = all)
@@ -309,7 +310,9 @@ for _name in [n for n in PRESETS if n.startswith(("cifar10-", "imagenet64-"))]:
 # largest loss difference, first gradient, update after both; benchmarks/results/h200_compile_check.json): DDPM++
 # loss 4.6e-8, gradient 1.2e-3, update 1.0e-3 relative, all below eager TF32's 8.8e-8 / 3.4e-3 / 3.2e-3; EDM2-S loss 7.4e-8 and update 1.17e-3
 # against TF32's 7.7e-8 and 1.14e-3, its raw first gradient 1.7e-2 against 2.5e-3 (from EDM2's initialisation, whose
-# output gain is 0, that first gradient is the output gain's alone: one number, cosine 1 by construction). With dropout on, compiled code draws
+# output gain is 0, that first gradient is the output gain's alone: one number, cosine 1 by construction); from weights
+# after 4 eager steps, at stage 3, EDM2-S's whole gradient moves 5.0e-4 and its update 1.6e-2, below TF32's 6.2e-4 and
+# 2.4e-2 (h200_compile_check_warm.json). With dropout on, compiled code draws
 # its own masks (same distribution; a run resumes exactly only with the same compile setting).
 for _name in [n for n in PRESETS if n.startswith(("cifar10-", "imagenet64-"))]:
     PRESETS[_name] = replace(PRESETS[_name], compile=True, channels_last=True)
@@ -325,6 +328,15 @@ for _name in [n for n in PRESETS if n.startswith(("cifar10-", "imagenet64-"))]:
 # the GPU as references.
 for _name in [n for n in PRESETS if n.startswith("cifar10-")]:
     PRESETS[_name] = replace(PRESETS[_name], data_on_device=True)
+# Gradient sync (issue 12): the CIFAR-10 presets combine the gradients of several processes with one all-reduce after
+# the backward pass (grad_sync='allreduce'), so each process runs the compiled graph of one process, which DDP would
+# split at its buckets. Two H200s (NVLink), cifar10-sct through the CLI with data_on_device, 128 images per GPU,
+# warm compile cache, two pairs of 2-process runs in the same call (benchmarks/results/h200x2_cli_grad_sync.json):
+# 2,056.1 against DDP's 1,900.6 img/s and 1,953.0 against 1,750.7 (+8%, +12%; tick spreads 11-24%). Same weights as
+# DDP (ddp_equivalence.py, compiled digits-sct on NCCL: both 3.2271e-4 from one process). ImageNet-64 keeps DDP: not
+# measured there, and EDM2-S's 1,068 MiB gradient costs 3.4 ms to all-reduce without overlap.
+for _name in [n for n in PRESETS if n.startswith("cifar10-")]:
+    PRESETS[_name] = replace(PRESETS[_name], grad_sync="allreduce")
 for _name in [n for n in PRESETS if n.startswith("imagenet64-") and n.endswith("-sct")]:
     # ImageNet-64 SCT: references from the sample's own class in the whole training set (~1,281 images
     # per class, 15.7 GB of uint8 per GPU). The previous 'all' (global batch of 128 over 1,000 classes)

@@ -8,8 +8,9 @@ weight on the sample's own image), 'n_refs' (references the row may use), 'fallb
 The own image is always one of the references, exactly once, as in STF. ``state_dict`` /
 ``load_state_dict`` carry what a resumed run needs (a bank's contents; nothing for the others).
 
-* ``'batch'`` / ``'all'`` / ``'bank'`` - :class:`GatheredReferences`: the local batch, the batches of all
-  ranks, or the batch followed by a FIFO memory bank (:func:`sctlib.targets.gather_references`).
+* ``'batch'`` / ``'all'`` / ``'bank'`` - :class:`GatheredReferences`: the local batch, the step's global
+  batch (all ranks and micro-batches; the trainer sets it once per step), or the batch followed by a FIFO memory
+  bank (:func:`sctlib.targets.gather_references`).
   With ``ref_per_class > 0`` the bank is :class:`ClassBalancedBank` (that many recent images per class).
 * ``'dataset'`` - :class:`DatasetReferences`: the whole training set (or a fixed random subset of
   ``ref_size`` images), held on the device as uint8 when the images are on the uint8 grid and streamed in
@@ -120,12 +121,19 @@ class ClassBalancedBank:
 
 
 class GatheredReferences(ReferenceSource):
-    """'batch', 'all' (all ranks) or 'bank': the reference set is gathered per step, own images first."""
+    """'batch', 'all' (all ranks) or 'bank': the reference set is gathered per step, own images first.
+
+    'all' means the whole global batch of the step. A trainer that splits the step into micro-batches hands that
+    batch over once per step (:meth:`set_step_batch`), so that the references, and with them the trained weights, do
+    not depend on how the batch is split into processes and micro-batches; without it each call gathers the batch it
+    is given from every rank (:func:`sctlib.targets.gather_references`).
+    """
 
     def __init__(self, kind: str, *, ref_size: int = 0, ref_per_class: int = 0, num_classes: int = 0):
         if kind not in ("batch", "all", "bank"):
             raise ValueError(f"GatheredReferences: kind must be batch, all or bank, got {kind!r}")
         self.kind = kind
+        self._step_batch = None
         self.bank = None
         self.class_bank: Optional[ClassBalancedBank] = None
         if kind == "bank":
@@ -140,8 +148,23 @@ class GatheredReferences(ReferenceSource):
             else:
                 self.bank = ReferenceBank(ref_size)
 
+    def set_step_batch(self, x0_all: Optional[torch.Tensor], labels_all: Optional[torch.Tensor] = None) -> None:
+        """'all': the global batch of the coming step (every rank's micro-batches, in global order), the reference
+        set of each of its micro-batches; ``None`` clears it."""
+        if self.kind != "all":
+            raise ValueError(f"set_step_batch applies to the 'all' reference source, not {self.kind!r}")
+        if x0_all is None:
+            self._step_batch = None
+        else:
+            lab = None if labels_all is None else _class_index(labels_all).detach().to(x0_all.device)
+            self._step_batch = (x0_all.detach(), lab)
+
     def __call__(self, x_t, t, x0, labels=None, *, chunk_size: int = 1024):
-        if self.class_bank is not None:
+        if self._step_batch is not None:
+            ref, ref_labels = self._step_batch
+            if labels is not None and ref_labels is None:
+                raise ValueError("set_step_batch was given no labels, but the loss asks for class-restricted references")
+        elif self.class_bank is not None:
             if labels is None:
                 raise ValueError("loss.ref_per_class > 0 needs labels (train with cond=True)")
             old, old_lab = self.class_bank.tensors()

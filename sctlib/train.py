@@ -45,6 +45,8 @@ from .losses import build_loss
 from .networks import build_network
 from .precision import PrecisionRule, autocast as precision_autocast, set_tf32
 from .progress import phase as _phase
+from .references import GatheredReferences
+from .targets import _all_gather
 
 __all__ = [
     "train",
@@ -396,6 +398,9 @@ class Trainer:
         impl = {"fused": True} if cfg.optim.impl == "fused" else {}  # {}: PyTorch's default, foreach on CUDA
         self.opt = opt_cls(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, **impl)
         self.loss_fn = build_loss(cfg.loss, references=self._build_references())
+        # ref_source='all': the step's whole global batch is every micro-batch's reference set (set once per step).
+        refs = getattr(self.loss_fn, "references", None)
+        self._step_references = refs if (isinstance(refs, GatheredReferences) and refs.kind == "all") else None
         # The precision rule answers "which format now?" per step (sctlib.precision); a scaler exists
         # whenever some stage runs in fp16, so that its state is checkpointed across a switch.
         self.precision_rule = PrecisionRule.parse(cfg.precision, self.device.type)
@@ -516,6 +521,16 @@ class Trainer:
             if self.cfg.channels_last and x0.ndim == 4 and self.device.type == "cuda":
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             yield self.rank * self.per_rank + j, x0, (y if self.cfg.cond else None)
+
+    def _global_batch(self, micro) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(x0, labels) of the whole step: this rank's micro-batches, then every rank's (all_gather), in global order
+        (rank r holds positions r * per_rank ...)."""
+        x = torch.cat([x0 for _, x0, _ in micro])
+        y = None if micro[0][2] is None else torch.cat([lab for _, _, lab in micro])
+        if self.world > 1:
+            x = _all_gather(x)
+            y = None if y is None else _all_gather(y)
+        return x, y
 
     def _indices_to_device(self, sel: torch.Tensor) -> torch.Tensor:
         """The batch's indices on the device. On CUDA through pinned memory without blocking: a copy from pageable
@@ -929,6 +944,8 @@ class Trainer:
             torch.compiler.cudagraph_mark_step_begin()
         scaler = self.scaler if self._select_format() == "fp16" else None  # idle outside fp16 stages
         micro = list(self._microbatches())
+        if self._step_references is not None:
+            self._step_references.set_step_batch(*self._global_batch(micro))
         for i, (offset, x0, labels) in enumerate(micro):
             # Seeds derive from (seed, images seen + global position): resumption and any process split
             # draw the same t, eps and dropout masks.

@@ -292,3 +292,28 @@ def test_compile_check_from_warmed_weights_compares_the_whole_edm2_gradient():
     assert torch.equal(g_warm, g_again)  # every variant starts from the same weights
     with pytest.raises(SystemExit):
         cc.main(["--tiny", "--init-steps", "-1"])
+
+
+def test_efficiency_pairs_each_row_with_the_one_process_row_before_it_else_after():
+    B = _bench_module("cli_throughput")
+    rows = [{"nproc": n, "img_per_s": v} for n, v in [(2, 180.0), (1, 100.0), (2, 190.0), (1, 120.0), (2, 216.0)]]
+    B._pair_efficiencies(rows)
+    assert [r["baseline_row"] for r in rows] == [1, None, 1, None, 3]
+    assert [r["ddp_efficiency"] for r in rows] == [pytest.approx(0.9), None, pytest.approx(0.95), None,
+                                                  pytest.approx(0.9)]
+    lone = [{"nproc": 2, "img_per_s": 180.0}]
+    B._pair_efficiencies(lone)
+    assert lone[0]["ddp_efficiency"] is None and lone[0]["baseline_row"] is None
+
+
+def test_a_repeated_process_count_is_a_run_of_its_own(tmp_path, monkeypatch, capsys):
+    """--nproc 1,1: the second run trains from scratch in its own run directory (the same directory would resume the
+    first run, already at total_nimg, and train nothing)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    B = _bench_module("cli_throughput")
+    out = tmp_path / "cli.json"
+    assert B.main(["--tiny", "--presets", "cifar10-ect", "--nproc", "1,1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(len(r["tick_rates"]) == 3 for r in rows)
+    dirs = [r["command"].split("--run-dir ")[1].split()[0] for r in rows]
+    assert dirs[0] != dirs[1]

@@ -148,6 +148,14 @@ def test_cifar10_presets_hold_their_set_on_the_device_and_imagenet64_presets_do_
     for name in C.PRESETS:
         cfg = C.get_preset(name)
         assert cfg.data_on_device == name.startswith("cifar10-"), name
-        assert C.validate(C.override(cfg, grad_sync="allreduce")).grad_sync == "allreduce"
+
+
+def test_cifar10_presets_sync_gradients_with_one_allreduce_and_the_others_with_ddp():
+    """Issue 12's two-GPU decision (sctlib/config.py, 'Gradient sync'): measured on the compiled CIFAR-10 presets only."""
+    for name in C.PRESETS:
+        cfg = C.get_preset(name)
+        assert cfg.grad_sync == ("allreduce" if name.startswith("cifar10-") else "ddp"), name
+        other = "ddp" if cfg.grad_sync == "allreduce" else "allreduce"
+        assert C.validate(C.override(cfg, grad_sync=other)).grad_sync == other
     with pytest.raises(C.ConfigError, match="grad_sync"):
         C.validate(C.override(C.get_preset("cifar10-sct"), grad_sync="nccl"))

@@ -134,11 +134,13 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sync", ["ddp", "allreduce"])
-def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path, sync):
+@pytest.mark.parametrize("sync,preset,more", [("ddp", "digits-ect", []), ("allreduce", "digits-ect", []),
+                                               ("allreduce", "digits-sct", ["loss.ref_source=all"])])
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path, sync, preset, more):
     """Both ways of combining gradients (grad_sync): DistributedDataParallel, and one all-reduce after the backward
-    pass."""
-    common = ["--preset", "digits-ect", "--no-progress", *TINY, "total_nimg=1024"]
+    pass; and SCT with the global batch as references ('all': gathered from both processes, or from the one
+    process's micro-batches)."""
+    common = ["--preset", preset, "--no-progress", *TINY, "total_nimg=1024", *more]
     one = tmp_path / "one"
     subprocess.run([sys.executable, "-m", "sctlib.train", "--run-dir", str(one), *common, "batch_gpu=8"],
                    check=True, env=ENV, capture_output=True)
@@ -569,3 +571,44 @@ def test_data_on_device_sct_references_share_the_stored_images(tmp_path):
         if on:
             assert refs[on].store.data_ptr() == tr._on_device[0].data_ptr()
     assert torch.equal(refs[True].store, refs[False].store) and torch.equal(refs[True].sq, refs[False].sq)
+
+
+def test_all_references_are_the_whole_global_batch_under_accumulation(tmp_path, monkeypatch):
+    """loss.ref_source='all' is the step's global batch for every micro-batch: the references, and so the weights,
+    do not depend on how the batch is split into processes and micro-batches (before, one process with
+    accumulation used each micro-batch alone, while two processes gathered both halves)."""
+    import sctlib.references as R
+
+    cfg = _tiny("digits-sct", "net.model_channels=8", "batch_size=32", "batch_gpu=8", "total_nimg=64",
+                "loss.ref_source=all", "cond=true", "loss.ref_conditional=true")
+    tr = T.Trainer(cfg, tmp_path, progress=False)
+    real, seen = R.posterior_mean, []
+
+    def spy(x_t, t, ref, **kw):
+        seen.append((ref.clone(), kw["ref_labels"].clone()))
+        return real(x_t, t, ref, **kw)
+
+    monkeypatch.setattr(R, "posterior_mean", spy)
+    for step in range(2):
+        seen.clear()
+        micro = list(tr._microbatches())
+        x = torch.cat([x0 for _, x0, _ in micro])
+        y = torch.cat([lab for _, _, lab in micro])
+        tr.train_step()
+        assert len(seen) == 4  # one reference call per micro-batch of 8 ...
+        for ref, ref_labels in seen:  # ... each with the whole step's 32 images and their classes
+            assert torch.equal(ref, x) and torch.equal(ref_labels, y)
+
+
+def test_step_batch_applies_to_the_all_source_only():
+    import sctlib.references as R
+
+    with pytest.raises(ValueError, match="'all' reference source"):
+        R.GatheredReferences("batch").set_step_batch(torch.zeros(2, 3))
+    refs = R.GatheredReferences("all")
+    refs.set_step_batch(torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="no labels"):
+        refs(torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 3), torch.tensor([0, 1]))
+    refs.set_step_batch(None)  # cleared: the batch given is gathered again (one process: itself)
+    x0_hat, stats = refs(torch.zeros(2, 3), torch.ones(2), torch.ones(2, 3))
+    assert stats["n_refs"].tolist() == [2, 2]

@@ -15,11 +15,16 @@ benchmarks/train_throughput.py), warms it up, then profiles ``--steps`` steps an
 
     python benchmarks/profile_step.py --nets cifar10,imagenet64-s --variant bf16+cl+compile --out profile.json
     python benchmarks/profile_step.py --tiny                         # CPU plumbing check (CPU op times)
+    torchrun --nproc_per_node=2 benchmarks/profile_step.py --nets cifar10 --task sct --out p.json
+        # every process profiles its own step (--batch images each; the global batch is world x --batch) and
+        # writes p.rank<r>.json; the phase 'allreduce' is grad_sync=allreduce's, kernels named nccl* are counted
+        # as 'communication' (with DDP they run inside the backward pass)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -37,6 +42,7 @@ from sctlib import config as C  # noqa: E402
 # First match wins: (category, regex on the kernel name, case-insensitive).
 CATEGORIES = [
     ("triton (compiled)", r"^triton_"),  # first: Inductor names fused kernels after their ops ("convolution", ...)
+    ("communication", r"nccl"),  # NCCL's all-reduce / broadcast kernels (processes under torchrun)
     ("attention", r"flash|fmha|attention|sdpa"),
     ("conv / matmul", r"gemm|conv|cutlass|sm90_|sm80_|xmma|implicit|wgrad|dgrad|cudnn|nvjet|cublas"),
     ("optimizer", r"adam|multi_tensor|foreach|lerp"),
@@ -135,18 +141,19 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))  # torchrun: one Trainer each
     prec, tf32, cl, comp = TT.VARIANTS[args.variant]
     if device == "cpu":
         prec, tf32, cl, comp = "fp32", False, False, False
     results = []
     for net in args.nets.split(","):
         cfg = C.get_preset(f"{net}-{args.task}")
-        cfg = replace(cfg, device=device, batch_size=args.batch, init="", tick_nimg=10**12,
+        cfg = replace(cfg, device=device, batch_size=args.batch * world, init="", tick_nimg=10**12,
                       precision=prec, tf32=tf32, channels_last=cl, compile=comp,
                       loss=replace(cfg.loss, double_nimg=3_200_000,
                                    ref_source="batch" if args.task == "sct" else cfg.loss.ref_source))
         if args.tiny:
-            cfg = C.override(cfg, **{"net.model_channels": 32, "net.num_blocks": 1}, batch_size=8)
+            cfg = C.override(cfg, **{"net.model_channels": 32, "net.num_blocks": 1}, batch_size=8 * world)
         try:
             extra = {**TT.VARIANT_EXTRA.get(args.variant, {}), **C.parse_overrides(args.extra)}
             if extra.get("optim.impl") == "fused" and cfg.optim.name != "adam":
@@ -165,10 +172,12 @@ def main(argv=None) -> int:
             bench.sync()
             wall = time.time() - t0
         row = {"net": net, "task": args.task, "variant": args.variant, "extra": args.extra, "batch": cfg.batch_size,
+               "world": world, "rank": rank, "grad_sync": cfg.grad_sync if world > 1 else None,
                "steps": args.steps, **summarise(prof, args.steps, wall, device)}
         results.append(row)
         bench.close()
-        print(f"\n== {net} {args.task} {args.variant} {' '.join(args.extra)}: {row['wall_ms_per_step']:.1f} ms/step wall, "
+        who = f" (rank {rank} of {world}, grad_sync={cfg.grad_sync})" if world > 1 else ""
+        print(f"\n== {net} {args.task} {args.variant} {' '.join(args.extra)}{who}: {row['wall_ms_per_step']:.1f} ms/step wall, "
               f"{row['kernel_ms_per_step']:.1f} ms kernels, GPU busy {row['busy_ms_per_step']:.1f} ms "
               f"({100 * (row['busy'] or 0):.0f}%), "
               f"{row['kernels_per_step']:.0f} kernels/step")
@@ -183,7 +192,10 @@ def main(argv=None) -> int:
     if args.out:
         meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                 "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}
-        Path(args.out).write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+        out = Path(args.out)
+        if world > 1:  # one record per process: p.json -> p.rank0.json, p.rank1.json
+            out = out.with_name(f"{out.stem}.rank{rank}{out.suffix}")
+        out.write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
     return 0
 
 

@@ -11,6 +11,7 @@
 #   bash experiments/gpu_bench.sh compile-cli # one idle GPU: the CLI with compile and channels-last
 #   bash experiments/gpu_bench.sh profile     # one idle GPU: where the step's time goes (eager bf16, compiled)
 #                                             # (PROFILE_NETS, PROFILE_VARIANTS pick the rows)
+#   bash experiments/gpu_bench.sh profile-ddp # 2 GPUs: the profile of the step in 1 and 2 processes (allreduce, DDP)
 #   bash experiments/gpu_bench.sh adam        # one idle GPU: fused vs multi-tensor Adam in the EDM2-S step
 #   bash experiments/gpu_bench.sh cudagraphs  # one idle GPU: the compiled DDPM++ step as CUDA graphs (speed, numbers)
 #   bash experiments/gpu_bench.sh compile-late # one idle GPU: the compile check at stage 3, where the target pass runs
@@ -37,7 +38,7 @@ b() {  # b NAME SECONDS CMD...: run one benchmark, its table to NAME.txt, exit s
   local rc=$?  # before any $(...) in the message: a command substitution resets $?
   echo "$(date +%T) bench $name: exit $rc"
 }
-case "${1:?stage: exclusive | fused | sample | ddp | ddp-probe | compile | compile-late | compile-warm | compile-cli | profile | adam | cudagraphs}" in
+case "${1:?stage: exclusive | fused | sample | ddp | ddp-probe | profile-ddp | compile | compile-late | compile-warm | compile-cli | profile | adam | cudagraphs}" in
 exclusive)
   nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv > "$RES/bench_gpu_state.txt" 2>&1
   # Issue 13: the reference pass alone (CIFAR-10 50,000 references; ImageNet-64 per class), float64 vs mixed.
@@ -170,6 +171,18 @@ profile)
     b bench_profile_$v ${PROFILE_SECONDS:-330} $PY benchmarks/profile_step.py --nets ${PROFILE_NETS:-cifar10,imagenet64-s} \
         --task sct --variant $v --extra net.dropout=0 --out "$RES/bench_profile_$v.json"
   done
+  ;;
+profile-ddp)
+  # Issue 12: where a two-process step's time goes (2 GPUs): the compiled SCT step of DDPM++ (synthetic set on the GPU,
+  # batch references, dropout off, 128 images per process) in one process, then in two under torchrun with the
+  # preset's grad_sync=allreduce, then with DDP; every process writes its own profile (bench_profile_2proc*.rank<r>.json).
+  for n in 1 2; do
+    launch="$PY"; [ $n -gt 1 ] && launch="$PY -m torch.distributed.run --standalone --nproc_per_node=$n"
+    b bench_profile_${n}proc 240 $launch benchmarks/profile_step.py --nets cifar10 --task sct --variant bf16+cl+compile \
+        --extra net.dropout=0 --out "$RES/bench_profile_${n}proc.json"
+  done
+  b bench_profile_2proc_ddp 240 $PY -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/profile_step.py \
+      --nets cifar10 --task sct --variant bf16+cl+compile --extra net.dropout=0 grad_sync=ddp --out "$RES/bench_profile_2proc_ddp.json"
   ;;
 adam)
   # Issue 12: PyTorch's fused Adam kernel against its multi-tensor one in the EDM2-S step (eager bf16; the

@@ -965,6 +965,8 @@ class Trainer:
                 else:
                     obj.backward()
             self._accumulate(loss, stats)
+        if self._step_references is not None:
+            self._step_references.set_step_batch(None)  # no later call outside a step sees this step's batch
 
         params = [p for p in self.net.parameters() if p.grad is not None]
         if self._allreduce_sync:

@@ -195,6 +195,27 @@ def test_profile_step_tiny_reports_the_phases_of_the_step(tmp_path):
         P.main(["--tiny", "--variant", "fp8"])
 
 
+def test_profile_step_under_torchrun_profiles_each_process(tmp_path):
+    """Two gloo processes: each profiles its own step of --batch images (global batch 2 x that), the CIFAR-10
+    preset's one all-reduce shows as a phase, and each writes its own record."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.json"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "benchmarks" / "profile_step.py"), "--tiny", "--nets", "cifar10", "--task", "ect",
+                        "--steps", "1", "--warmup", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not out.exists()
+    for rank in (0, 1):
+        row = json.loads((tmp_path / f"p.rank{rank}.json").read_text())["rows"][0]
+        assert (row["world"], row["rank"], row["batch"], row["grad_sync"]) == (2, rank, 16, "allreduce")
+        assert row["phases_ms"].get("sctlib.step/allreduce", 0) > 0
+        assert f"(rank {rank} of 2, grad_sync=allreduce)" in r.stdout
+
+
 def test_nccl_bandwidth_reports_each_size_on_gloo(tmp_path):
     """benchmarks/nccl_bandwidth.py under torchrun with 2 CPU processes (gloo): a row per size, positive rates,
     bus bandwidth = 2 (n-1)/n x algorithm bandwidth; outside torchrun it says how to start it."""

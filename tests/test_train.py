@@ -598,6 +598,7 @@ def test_all_references_are_the_whole_global_batch_under_accumulation(tmp_path, 
         assert len(seen) == 4  # one reference call per micro-batch of 8 ...
         for ref, ref_labels in seen:  # ... each with the whole step's 32 images and their classes
             assert torch.equal(ref, x) and torch.equal(ref_labels, y)
+        assert tr.loss_fn.references._step_batch is None  # cleared after the step
 
 
 def test_step_batch_applies_to_the_all_source_only():

@@ -332,8 +332,9 @@ for _name in [n for n in PRESETS if n.startswith("cifar10-")]:
 # the backward pass (grad_sync='allreduce'), so each process runs the compiled graph of one process, which DDP would
 # split at its buckets. Two H200s (NVLink), cifar10-sct through the CLI with data_on_device, 128 images per GPU,
 # warm compile cache, two pairs of 2-process runs in the same call (benchmarks/results/h200x2_cli_grad_sync.json):
-# 2,056.1 against DDP's 1,900.6 img/s and 1,953.0 against 1,750.7 (+8%, +12%; tick spreads 11-24%). Same weights as
-# DDP (ddp_equivalence.py, compiled digits-sct on NCCL: both 3.2271e-4 from one process). ImageNet-64 keeps DDP: not
+# 2,056.1 against DDP's 1,900.6 img/s and 1,953.0 against 1,750.7 (medians of the ticks; +8%, +12%; tick spreads
+# 11-24%). Numbers as DDP's: one process's on the CPU (tests/test_train.py); on NCCL both ended the same 3.2271e-4
+# from one process (ddp_equivalence.py, compiled digits-sct, an indirect comparison). ImageNet-64 keeps DDP: not
 # measured there, and EDM2-S's 1,068 MiB gradient costs 3.4 ms to all-reduce without overlap.
 for _name in [n for n in PRESETS if n.startswith("cifar10-")]:
     PRESETS[_name] = replace(PRESETS[_name], grad_sync="allreduce")

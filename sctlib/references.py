@@ -162,6 +162,9 @@ class GatheredReferences(ReferenceSource):
     def __call__(self, x_t, t, x0, labels=None, *, chunk_size: int = 1024):
         if self._step_batch is not None:
             ref, ref_labels = self._step_batch
+            if x0.shape[1:] != ref.shape[1:] or x0.shape[0] > ref.shape[0]:
+                raise ValueError(f"set_step_batch holds {tuple(ref.shape)}, not a batch that contains these "
+                                 f"{tuple(x0.shape)} images: a step batch left from another step?")
             if labels is not None and ref_labels is None:
                 raise ValueError("set_step_batch was given no labels, but the loss asks for class-restricted references")
         elif self.class_bank is not None:

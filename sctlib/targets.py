@@ -283,8 +283,9 @@ class ReferenceBank:
 def _all_gather(x: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
+    x = x.contiguous()  # NCHW-contiguous, outputs included: NCCL gathers flat buffers, so layouts must agree
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x)
     return torch.cat(parts)
 
 

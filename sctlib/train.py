@@ -46,7 +46,7 @@ from .networks import build_network
 from .precision import PrecisionRule, autocast as precision_autocast, set_tf32
 from .progress import phase as _phase
 from .references import GatheredReferences
-from .targets import _all_gather
+from .targets import gather_references
 
 __all__ = [
     "train",
@@ -523,14 +523,11 @@ class Trainer:
             yield self.rank * self.per_rank + j, x0, (y if self.cfg.cond else None)
 
     def _global_batch(self, micro) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(x0, labels) of the whole step: this rank's micro-batches, then every rank's (all_gather), in global order
-        (rank r holds positions r * per_rank ...)."""
+        """(x0, labels) of the whole step in global order: this rank's micro-batches in order (rank r holds positions
+        r * per_rank ...), gathered from every rank as the 'all' source gathers a batch."""
         x = torch.cat([x0 for _, x0, _ in micro])
         y = None if micro[0][2] is None else torch.cat([lab for _, _, lab in micro])
-        if self.world > 1:
-            x = _all_gather(x)
-            y = None if y is None else _all_gather(y)
-        return x, y
+        return gather_references(x, y, "all")
 
     def _indices_to_device(self, sel: torch.Tensor) -> torch.Tensor:
         """The batch's indices on the device. On CUDA through pinned memory without blocking: a copy from pageable
@@ -946,27 +943,29 @@ class Trainer:
         micro = list(self._microbatches())
         if self._step_references is not None:
             self._step_references.set_step_batch(*self._global_batch(micro))
-        for i, (offset, x0, labels) in enumerate(micro):
-            # Seeds derive from (seed, images seen + global position): resumption and any process split
-            # draw the same t, eps and dropout masks.
-            torch.manual_seed(seed_for(cfg.seed, self.nimg + offset))
-            sync = contextlib.nullcontext()
-            if self._ddp_sync and i < len(micro) - 1:
-                sync = self.ddp.no_sync()  # all-reduce only on the last micro-batch
-            with sync:
-                with self._autocast(), _phase("loss"):
-                    loss, stats = self.loss_fn(self.ddp, x0, labels, nimg=self.nimg,
+        try:
+            for i, (offset, x0, labels) in enumerate(micro):
+                # Seeds derive from (seed, images seen + global position): resumption and any process split
+                # draw the same t, eps and dropout masks.
+                torch.manual_seed(seed_for(cfg.seed, self.nimg + offset))
+                sync = contextlib.nullcontext()
+                if self._ddp_sync and i < len(micro) - 1:
+                    sync = self.ddp.no_sync()  # all-reduce only on the last micro-batch
+                with sync:
+                    with self._autocast(), _phase("loss"):
+                        loss, stats = self.loss_fn(self.ddp, x0, labels, nimg=self.nimg,
                                                    target_net=self.target_net)
-                # Mean over the global batch: DDP averages over processes, hence the factor world.
-                obj = loss.float().sum() * (self.world / cfg.batch_size)
-                # (no profiler range here: on CUDA autograd runs the backward pass on its own thread, outside it)
-                if scaler is not None:
-                    scaler.scale(obj).backward()
-                else:
-                    obj.backward()
-            self._accumulate(loss, stats)
-        if self._step_references is not None:
-            self._step_references.set_step_batch(None)  # no later call outside a step sees this step's batch
+                    # Mean over the global batch: DDP averages over processes, hence the factor world.
+                    obj = loss.float().sum() * (self.world / cfg.batch_size)
+                    # (no profiler range here: on CUDA autograd runs the backward pass on its own thread, outside it)
+                    if scaler is not None:
+                        scaler.scale(obj).backward()
+                    else:
+                        obj.backward()
+                self._accumulate(loss, stats)
+        finally:
+            if self._step_references is not None:
+                self._step_references.set_step_batch(None)  # no call outside this step sees its batch
 
         params = [p for p in self.net.parameters() if p.grad is not None]
         if self._allreduce_sync:

@@ -610,6 +610,31 @@ def test_step_batch_applies_to_the_all_source_only():
     refs.set_step_batch(torch.zeros(4, 3))
     with pytest.raises(ValueError, match="no labels"):
         refs(torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="another step"):  # more images than the step batch holds
+        refs(torch.zeros(5, 3), torch.ones(5), torch.zeros(5, 3))
     refs.set_step_batch(None)  # cleared: the batch given is gathered again (one process: itself)
     x0_hat, stats = refs(torch.zeros(2, 3), torch.ones(2), torch.ones(2, 3))
     assert stats["n_refs"].tolist() == [2, 2]
+
+
+def test_all_gather_keeps_one_layout_for_input_and_outputs(tmp_path):
+    """sctlib.targets._all_gather sends and receives NCHW-contiguous tensors: NCCL gathers flat buffers, so a
+    channels-last input with outputs allocated like it would be read in the wrong order (gloo, one process here)."""
+    import torch.distributed as dist
+
+    from sctlib.targets import _all_gather
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+        seen = []
+        real = dist.all_gather
+        dist.all_gather = lambda parts, t: (seen.append((t.is_contiguous(), [p.is_contiguous() for p in parts])),
+                                            real(parts, t))[1]
+        try:
+            out = _all_gather(x)
+        finally:
+            dist.all_gather = real
+        assert seen == [(True, [True])] and torch.equal(out, x)
+    finally:
+        dist.destroy_process_group()

@@ -57,7 +57,12 @@ VARIANTS = {
     "bf16+cl+compile+fused-adam": ("bf16", True, True, True),
     "bf16+cl+compile+cudagraphs": ("bf16", True, True, True),
     "bf16+cl+compile+autotune": ("bf16", True, True, True),
+    # no host sync per step: the skip decision on a non-finite gradient assumed 'finite' (Trainer._grad_is_finite),
+    # an upper bound of what deciding it on the device could gain; the same trajectory while every step is finite
+    "bf16+cl+compile+no-sync": ("bf16", True, True, True),
+    "fp32+no-sync": ("fp32", False, False, False),
 }
+NO_SYNC = {"bf16+cl+compile+no-sync": "bf16+cl+compile", "fp32+no-sync": "fp32 (ECT default)"}  # -> its twin
 DEFAULT_VARIANTS = list(VARIANTS)[:5]
 # config overrides of the opt-in rows (sctlib.config.override keys)
 VARIANT_EXTRA = {
@@ -87,11 +92,13 @@ REF_VARIANTS = {
 class Bench:
     """One row: a Trainer on a synthetic in-memory set, warmed up; ``round(steps)`` times steps."""
 
-    def __init__(self, cfg, warmup, device, n_images=0, classes=0):
+    def __init__(self, cfg, warmup, device, n_images=0, classes=0, no_sync=False):
         ds = SyntheticImages.for_config(cfg, n_images or 4 * cfg.batch_size, device, classes)
         self.tmp = tempfile.TemporaryDirectory()
         self.cfg, self.device = cfg, device
         self.tr = Trainer(cfg, self.tmp.name, progress=False, dataset=ds)
+        if no_sync:  # measurement only: a non-finite step would be applied instead of skipped
+            self.tr._grad_is_finite = lambda norm: True
         self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         t0 = time.time()
         for _ in range(warmup):
@@ -156,6 +163,18 @@ def preset_mixes(rows) -> list:
             out.append({"net": net, "task": task, "preset": cfg.name, "precision": cfg.precision,
                         "rates": rates, "bf16_img_per_s": rates["bf16"], **mix})
     return out
+
+
+def no_sync_pairs(rows) -> None:
+    """Each '+no-sync' row against its twin with the per-step sync (same net and task): ``sync_gain`` = rate / the
+    twin's rate - 1, and the twin's mean loss beside the row's (equal while no step was non-finite)."""
+    for r in rows:
+        twin = next((b for b in rows if r.get("variant") in NO_SYNC and b["variant"] == NO_SYNC[r["variant"]]
+                     and b["net"] == r["net"] and b["task"] == r["task"] and "error" not in b), None)
+        if twin is None or "error" in r:
+            continue
+        r["sync_gain"] = r["img_per_s"] / twin["img_per_s"] - 1
+        r["twin_mean_loss"] = twin["mean_loss"]
 
 
 def main(argv=None):
@@ -226,7 +245,8 @@ def main(argv=None):
         benches = []
         for _, row, cfg, n_images, classes in (p for p in plans if p[0] == net):
             try:
-                benches.append((row, Bench(cfg, args.warmup, device, n_images, classes)))
+                benches.append((row, Bench(cfg, args.warmup, device, n_images, classes,
+                                           no_sync=row["variant"] in NO_SYNC)))
             except Exception as exc:  # noqa: BLE001 - report and go on with the other rows
                 rows.append({**row, "error": f"{type(exc).__name__}: {exc}"[:300]})
                 print(json.dumps(rows[-1]), flush=True)
@@ -263,6 +283,11 @@ def main(argv=None):
         mf = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else "-"
         print(f"{r['net']:14s} {r['task']:24s} {r['variant']:22s} {r['img_per_s']:9.1f} {xb:>7s} {so:>8s} "
               f"{100 * r['spread']:6.1f}% {r['peak_gib']:6.1f} {mf:>6s}")
+    no_sync_pairs(rows)
+    for r in rows:
+        if r.get("sync_gain") is not None:
+            print(f"{r['net']:14s} {r['task']:24s} {r['variant']:22s} {100 * r['sync_gain']:+.1f}% against "
+                  f"{NO_SYNC[r['variant']]!r} (mean loss {r['mean_loss']:.6g} vs {r['twin_mean_loss']:.6g})")
     mixes = preset_mixes(rows)
     if mixes:
         print("\nThe presets' precision rule over their whole schedule (sctlib.precision.schedule_mix of the eager rows):")

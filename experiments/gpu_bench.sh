@@ -12,6 +12,7 @@
 #   bash experiments/gpu_bench.sh profile     # one idle GPU: where the step's time goes (eager bf16, compiled)
 #                                             # (PROFILE_NETS, PROFILE_VARIANTS pick the rows)
 #   bash experiments/gpu_bench.sh profile-ddp # 2 GPUs: the profile of the step in 1 and 2 processes (allreduce, DDP)
+#   bash experiments/gpu_bench.sh no-sync     # one idle GPU: the step with and without its one host sync
 #   bash experiments/gpu_bench.sh adam        # one idle GPU: fused vs multi-tensor Adam in the EDM2-S step
 #   bash experiments/gpu_bench.sh cudagraphs  # one idle GPU: the compiled DDPM++ step as CUDA graphs (speed, numbers)
 #   bash experiments/gpu_bench.sh compile-late # one idle GPU: the compile check at stage 3, where the target pass runs
@@ -38,7 +39,7 @@ b() {  # b NAME SECONDS CMD...: run one benchmark, its table to NAME.txt, exit s
   local rc=$?  # before any $(...) in the message: a command substitution resets $?
   echo "$(date +%T) bench $name: exit $rc"
 }
-case "${1:?stage: exclusive | fused | sample | ddp | ddp-probe | profile-ddp | compile | compile-late | compile-warm | compile-cli | profile | adam | cudagraphs}" in
+case "${1:?stage: exclusive | fused | sample | ddp | ddp-probe | profile-ddp | no-sync | compile | compile-late | compile-warm | compile-cli | profile | adam | cudagraphs}" in
 exclusive)
   nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv > "$RES/bench_gpu_state.txt" 2>&1
   # Issue 13: the reference pass alone (CIFAR-10 50,000 references; ImageNet-64 per class), float64 vs mixed.
@@ -183,6 +184,13 @@ profile-ddp)
   done
   b bench_profile_2proc_ddp 240 $PY -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/profile_step.py \
       --nets cifar10 --task sct --variant bf16+cl+compile --extra net.dropout=0 grad_sync=ddp --out "$RES/bench_profile_2proc_ddp.json"
+  ;;
+no-sync)
+  # Issue 12: what the step's one host sync (the skip decision on a non-finite gradient) costs: the compiled step with
+  # it and with it assumed 'finite' (an upper bound of deciding on the device), interleaved; mean losses side by side.
+  b bench_throughput_no_sync ${NO_SYNC_SECONDS:-360} $PY benchmarks/train_throughput.py --nets ${NO_SYNC_NETS:-cifar10} \
+      --tasks ect,sct --variants bf16+cl+compile,bf16+cl+compile+no-sync --steps 10 --rounds 5 --warmup 5 \
+      --out "$RES/bench_throughput_no_sync.json"
   ;;
 adam)
   # Issue 12: PyTorch's fused Adam kernel against its multi-tensor one in the EDM2-S step (eager bf16; the

@@ -522,6 +522,12 @@ class Trainer:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             yield self.rank * self.per_rank + j, x0, (y if self.cfg.cond else None)
 
+    def _grad_is_finite(self, norm: torch.Tensor) -> bool:
+        """Whether the step's gradient norm is finite: the one host sync per step, since the skip decision (and
+        with it the optimizer step) is taken on the host. benchmarks/train_throughput.py's '+no-sync' rows replace
+        it with ``True`` to measure what the sync costs (same numbers while every step is finite)."""
+        return bool(torch.isfinite(norm))
+
     def _global_batch(self, micro) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(x0, labels) of the whole step in global order: this rank's micro-batches in order (rank r holds positions
         r * per_rank ...), gathered from every rank as the 'all' source gathers a batch."""
@@ -977,7 +983,7 @@ class Trainer:
                 scaler.unscale_(self.opt)
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params]))) \
                 if params else torch.zeros((), device=self.device)
-            finite = bool(torch.isfinite(norm))  # the one host sync per step: skip decisions need it
+            finite = self._grad_is_finite(norm)
         if finite:
             if cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)

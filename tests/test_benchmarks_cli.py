@@ -338,3 +338,25 @@ def test_a_repeated_process_count_is_a_run_of_its_own(tmp_path, monkeypatch, cap
     assert len(rows) == 2 and all(len(r["tick_rates"]) == 3 for r in rows)
     dirs = [r["command"].split("--run-dir ")[1].split()[0] for r in rows]
     assert dirs[0] != dirs[1]
+
+
+def test_train_throughput_tiny_no_sync_row_skips_the_host_sync_and_trains_the_same(tmp_path, monkeypatch):
+    """benchmarks/train_throughput.py on the CPU: the '+no-sync' row never asks the trainer's finite check (the
+    per-step host sync) and, with every step finite, trains what its twin trains (same mean loss, nothing skipped)."""
+    from sctlib import train as T
+
+    TT = _bench_module("train_throughput")
+    calls = []
+    real = T.Trainer._grad_is_finite
+    monkeypatch.setattr(T.Trainer, "_grad_is_finite", lambda self, norm: calls.append(1) or real(self, norm))
+    out = tmp_path / "tt.json"
+    steps, rounds, warmup = 2, 2, 1
+    assert TT.main(["--tiny", "--nets", "cifar10", "--tasks", "ect", "--variants", "fp32 (ECT default),fp32+no-sync",
+                    "--steps", str(steps), "--rounds", str(rounds), "--warmup", str(warmup), "--out", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    synced, free = rows["fp32 (ECT default)"], rows["fp32+no-sync"]
+    assert len(calls) == 1 + warmup + rounds * steps  # sctlib.flops' counted step, then the synced row's steps only
+    assert free["skipped"] == synced["skipped"] == 0
+    assert free["mean_loss"] == synced["mean_loss"] == free["twin_mean_loss"]
+    assert free["sync_gain"] == pytest.approx(free["img_per_s"] / synced["img_per_s"] - 1)
+    assert _finite_positive(free["img_per_s"]) and synced.get("sync_gain") is None

@@ -81,8 +81,9 @@ class LossConfig:
     weighting: str = "inv_dt"                  # 'inv_dt' = 1/(t-r) | 'snrpk' = 1/t^2 + 1/sigma_data^2 | 'edm' | 'uniform'
     edges: Tuple[float, ...] = (0.0,)          # phase edges s_0 < s_1 < ...; (0,) = one phase [RECON for >1]
     # SCT reference set [RECON]: 'batch' (the micro-batch) | 'all' (the step's global batch: all ranks and
-    # micro-batches) | 'bank' (memory bank) | 'dataset' (the whole
-    # training set, on the device as uint8, streamed in chunks; class-restricted for conditional models)
+    # micro-batches) | 'bank' (the micro-batch + a FIFO bank of this process's earlier micro-batches, so it depends on
+    # the process split) | 'dataset' (the whole training set, on the device as uint8, streamed in chunks;
+    # class-restricted for conditional models)
     ref_source: str = "batch"
     ref_size: int = 0                          # 'bank': capacity in images; 'dataset': fixed random subset (0 = all)
     ref_per_class: int = 0                     # 'bank': class-balanced bank with this many images per class (0 = off)

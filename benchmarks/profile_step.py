@@ -196,6 +196,12 @@ def main(argv=None) -> int:
         if world > 1:  # one record per process: p.json -> p.rank0.json, p.rank1.json
             out = out.with_name(f"{out.stem}.rank{rank}{out.suffix}")
         out.write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+    if world > 1:  # the Trainer joined a process group: leave it together (a rank exiting first can abort the other)
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
     return 0
 
 

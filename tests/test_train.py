@@ -526,6 +526,10 @@ else:
     except RuntimeError as e:
         res["error"] = str(e)
 open(f"{sys.argv[2]}/rank{r}.json", "w").write(json.dumps(res))  # one file per rank: printed lines interleave
+# Leave together: a rank that exits while the other still talks to it over gloo can abort the other
+# ("terminate called without an active exception", seen once in CI).
+dist.barrier()
+dist.destroy_process_group()
 """
 
 

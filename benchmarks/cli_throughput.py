@@ -137,7 +137,12 @@ def main(argv=None) -> int:
             "ticks": args.ticks, "steps_per_tick": args.steps_per_tick, "skip_ticks": args.skip_ticks,
             "extra": extra, "label": args.label, "data": Path(data).name, "argv": list(sys.argv[1:] if argv is None else argv)}
     rows = []
-    procs = [int(n) for n in args.nproc.split(",")]
+    try:
+        procs = [int(n) for n in args.nproc.split(",")]
+    except ValueError:
+        procs = []
+    if not procs or min(procs) < 1:
+        ap.error(f"--nproc: process counts of at least 1, separated by commas (e.g. 2,1,1,2), got {args.nproc!r}")
     print(f"{'preset':<16} {'nproc':>5} {'img/s':>9} {'per GPU':>9} {'DDP eff':>8} {'spread':>7} "
           f"{'tick 1 s':>9} {'peak GiB':>9} {'wall s':>7}  format", flush=True)
     for preset in args.presets.split(","):

@@ -360,3 +360,10 @@ def test_train_throughput_tiny_no_sync_row_skips_the_host_sync_and_trains_the_sa
     assert free["mean_loss"] == synced["mean_loss"] == free["twin_mean_loss"]
     assert free["sync_gain"] == pytest.approx(free["img_per_s"] / synced["img_per_s"] - 1)
     assert _finite_positive(free["img_per_s"]) and synced.get("sync_gain") is None
+
+
+@pytest.mark.parametrize("bad", ["0", "2,x", "1,-1", ""])
+def test_bad_process_counts_are_refused(bad, capsys):
+    with pytest.raises(SystemExit):
+        _bench_module("cli_throughput").main(["--tiny", "--nproc", bad])
+    assert "--nproc: process counts of at least 1" in capsys.readouterr().err

@@ -94,9 +94,9 @@ class EDMLoss:
             raise ValueError(f"EDMLoss has no state, got keys {sorted(state)}")
 
     def __call__(self, net: nn.Module, x0: torch.Tensor, labels=None, *, nimg: float,
-                 target_net: Optional[nn.Module] = None) -> Tuple[torch.Tensor, Stats]:
-        """Per-example loss of ``net`` on ``x0``; ``target_net`` is accepted for a common call and unused
-        (denoising score matching has no target pass)."""
+                 target_net: Optional[nn.Module] = None, step_batch=None) -> Tuple[torch.Tensor, Stats]:
+        """Per-example loss of ``net`` on ``x0``; ``target_net`` and ``step_batch`` are accepted for a common call
+        and unused (denoising score matching has no target pass and no references)."""
         cfg = self.cfg
         t = sample_t_lognormal(x0.shape[0], cfg.P_mean, cfg.P_std, device=x0.device)
         eps = noise_like(x0)
@@ -179,16 +179,17 @@ class ECTLoss:
         ratio = as_sigma(s / t, x)
         return ratio * x + (1 - ratio) * D_out
 
-    def _target_point(self, x_t, t, r, x0, eps, labels, stats: Stats) -> torch.Tensor:
+    def _target_point(self, x_t, t, r, x0, eps, labels, stats: Stats, step_batch=None) -> torch.Tensor:
         return ect_target_point(x0, eps, r)
 
     # -- the loss -------------------------------------------------------------------------------
     def __call__(self, net: nn.Module, x0: torch.Tensor, labels=None, *, nimg: float,
-                 target_net: Optional[nn.Module] = None) -> Tuple[torch.Tensor, Stats]:
+                 target_net: Optional[nn.Module] = None, step_batch=None) -> Tuple[torch.Tensor, Stats]:
         """Per-example loss (ECT Sec. 3). ``net`` runs the student pass with gradients;
         ``target_net`` (the same weights; default: ``net`` with a DistributedDataParallel wrapper taken off) runs
         the stop-gradient target pass. The trainer passes its own: under DDP the bare network, compiled when the
-        student is (:func:`sctlib.train.wrap_network`)."""
+        student is (:func:`sctlib.train.wrap_network`). ``step_batch`` = ``(x0_all, labels_all)``, the step's whole
+        global batch: the reference set of SCT's ``'all'`` source (unused by ECT, refused by the other sources)."""
         cfg = self.cfg
         B = x0.shape[0]
         t = sample_t_lognormal(B, cfg.P_mean, cfg.P_std, device=x0.device)
@@ -203,7 +204,7 @@ class ECTLoss:
         x_t = x0 + as_sigma(t, x0) * eps
         stats: Stats = {}
         with _phase("target_point"):
-            x_r = self._target_point(x_t, t, r, x0, eps, labels, stats)
+            x_r = self._target_point(x_t, t, r, x0, eps, labels, stats, step_batch)
 
         # Student with grad; its dropout masks are recorded for the target pass.
         with record_dropout(net), _phase("student"):
@@ -266,13 +267,13 @@ class SCTLoss(ECTLoss):
         else:
             self.references.load_state_dict(state)
 
-    def _target_point(self, x_t, t, r, x0, eps, labels, stats: Stats) -> torch.Tensor:
+    def _target_point(self, x_t, t, r, x0, eps, labels, stats: Stats, step_batch=None) -> torch.Tensor:
         cfg = self.cfg
         if self.references is None:
             raise ValueError("loss.ref_source='dataset' needs the training set: build the loss with "
                              "build_loss(cfg, references=build_references(cfg, dataset=...)) (the trainer does)")
         use_labels = labels if (cfg.ref_conditional and labels is not None) else None
-        x0_hat, pm = self.references(x_t, t, x0, use_labels, chunk_size=cfg.ref_chunk)
+        x0_hat, pm = self.references(x_t, t, x0, use_labels, chunk_size=cfg.ref_chunk, step_batch=step_batch)
         for k in ("fallback", "ess", "own_weight", "n_refs"):
             stats[k] = pm[k]
         return sct_target_point(x_t, t, r, x0, eps, x0_hat)

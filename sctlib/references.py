@@ -9,8 +9,8 @@ The own image is always one of the references, exactly once, as in STF. ``state_
 ``load_state_dict`` carry what a resumed run needs (a bank's contents; nothing for the others).
 
 * ``'batch'`` / ``'all'`` / ``'bank'`` - :class:`GatheredReferences`: the local batch, the step's global
-  batch (all ranks and micro-batches; the trainer sets it once per step), or the batch followed by a FIFO memory
-  bank (:func:`sctlib.targets.gather_references`).
+  batch (all ranks and micro-batches; the trainer passes it with each call as ``step_batch``), or the batch
+  followed by a FIFO memory bank (:func:`sctlib.targets.gather_references`).
   With ``ref_per_class > 0`` the bank is :class:`ClassBalancedBank` (that many recent images per class).
 * ``'dataset'`` - :class:`DatasetReferences`: the whole training set (or a fixed random subset of
   ``ref_size`` images), held on the device as uint8 when the images are on the uint8 grid and streamed in
@@ -41,12 +41,19 @@ Stats = dict
 
 
 class ReferenceSource:
-    """Interface: ``__call__(x_t, t, x0, labels) -> (x0_hat, stats)``; labels None = unconditional."""
+    """Interface: ``__call__(x_t, t, x0, labels, *, chunk_size, step_batch) -> (x0_hat, stats)``; labels None =
+    unconditional. ``step_batch`` = ``(x0_all, labels_all)``, the whole step's global batch, which only the
+    ``'all'`` source uses (:class:`GatheredReferences`); the others refuse it."""
 
     kind = "?"
 
-    def __call__(self, x_t, t, x0, labels=None, *, chunk_size: int = 1024) -> Tuple[torch.Tensor, Stats]:
+    def __call__(self, x_t, t, x0, labels=None, *, chunk_size: int = 1024,
+                 step_batch: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None) -> Tuple[torch.Tensor, Stats]:
         raise NotImplementedError
+
+    def _refuse_step_batch(self, step_batch) -> None:
+        if step_batch is not None:
+            raise ValueError(f"step_batch applies to the 'all' reference source, not {self.kind!r}")
 
     def state_dict(self) -> dict:
         return {}
@@ -123,17 +130,16 @@ class ClassBalancedBank:
 class GatheredReferences(ReferenceSource):
     """'batch', 'all' (all ranks) or 'bank': the reference set is gathered per step, own images first.
 
-    'all' means the whole global batch of the step. A trainer that splits the step into micro-batches hands that
-    batch over once per step (:meth:`set_step_batch`), so that the references, and with them the trained weights, do
-    not depend on how the batch is split into processes and micro-batches; without it each call gathers the batch it
-    is given from every rank (:func:`sctlib.targets.gather_references`).
+    'all' means the whole global batch of the step. A trainer that splits the step into micro-batches passes that
+    batch with every call (``step_batch``, every rank's micro-batches in global order), so that the references, and
+    with them the trained weights, do not depend on how the batch is split into processes and micro-batches;
+    without it a call gathers the batch it is given from every rank (:func:`sctlib.targets.gather_references`).
     """
 
     def __init__(self, kind: str, *, ref_size: int = 0, ref_per_class: int = 0, num_classes: int = 0):
         if kind not in ("batch", "all", "bank"):
             raise ValueError(f"GatheredReferences: kind must be batch, all or bank, got {kind!r}")
         self.kind = kind
-        self._step_batch = None
         self.bank = None
         self.class_bank: Optional[ClassBalancedBank] = None
         if kind == "bank":
@@ -148,25 +154,19 @@ class GatheredReferences(ReferenceSource):
             else:
                 self.bank = ReferenceBank(ref_size)
 
-    def set_step_batch(self, x0_all: Optional[torch.Tensor], labels_all: Optional[torch.Tensor] = None) -> None:
-        """'all': the global batch of the coming step (every rank's micro-batches, in global order), the reference
-        set of each of its micro-batches; ``None`` clears it."""
-        if self.kind != "all":
-            raise ValueError(f"set_step_batch applies to the 'all' reference source, not {self.kind!r}")
-        if x0_all is None:
-            self._step_batch = None
-        else:
-            lab = None if labels_all is None else _class_index(labels_all).detach().to(x0_all.device)
-            self._step_batch = (x0_all.detach(), lab)
-
-    def __call__(self, x_t, t, x0, labels=None, *, chunk_size: int = 1024):
-        if self._step_batch is not None:
-            ref, ref_labels = self._step_batch
+    def __call__(self, x_t, t, x0, labels=None, *, chunk_size: int = 1024,
+                 step_batch: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None):
+        if step_batch is not None:
+            if self.kind != "all":
+                self._refuse_step_batch(step_batch)
+            ref, ref_labels = step_batch
             if x0.shape[1:] != ref.shape[1:] or x0.shape[0] > ref.shape[0]:
-                raise ValueError(f"set_step_batch holds {tuple(ref.shape)}, not a batch that contains these "
-                                 f"{tuple(x0.shape)} images: a step batch left from another step?")
+                raise ValueError(f"step_batch holds {tuple(ref.shape)}, not a batch that contains these "
+                                 f"{tuple(x0.shape)} images")
             if labels is not None and ref_labels is None:
-                raise ValueError("set_step_batch was given no labels, but the loss asks for class-restricted references")
+                raise ValueError("step_batch has no labels, but the loss asks for class-restricted references")
+            ref = ref.detach()
+            ref_labels = None if labels is None else _class_index(ref_labels).detach().to(ref.device)
         elif self.class_bank is not None:
             if labels is None:
                 raise ValueError("loss.ref_per_class > 0 needs labels (train with cond=True)")
@@ -391,11 +391,12 @@ class DatasetReferences(ReferenceSource):
 
     @torch.no_grad()
     def __call__(self, x_t, t, x0, labels=None, *, chunk_size: int = 1024, compute: Optional[str] = None,
-                 return_weights: bool = False):
+                 return_weights: bool = False, step_batch=None):
         """x0_hat and stats; ``compute`` overrides the instance's mode for this call. ``return_weights``
         (diagnostics, memory B x N) adds 'weights' [B, N] (unconditional: over the store; conditional: over
         the row's class window, position j = store row offsets[c] + j; 0 on skipped copies of the own image
         and padding) in float64; the own image's weight is 'own_weight'."""
+        self._refuse_step_batch(step_batch)  # the whole training set: a step's batch is not its reference set
         B = x_t.shape[0]
         if tuple(x_t.shape[1:]) != self.item_shape:
             raise ValueError(f"DatasetReferences holds images of shape {self.item_shape}, got {tuple(x_t.shape[1:])}")

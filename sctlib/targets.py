@@ -297,7 +297,7 @@ def gather_references(x0: torch.Tensor, labels: Optional[torch.Tensor], source: 
     * ``'batch'`` - the local batch;
     * ``'all'``   - the batches of all ranks (torch.distributed all_gather; equal batch shapes on every
       rank); the local batch when torch.distributed is not initialised. (A trainer with micro-batches gives
-      :class:`sctlib.references.GatheredReferences` the whole step's batch instead: ``set_step_batch``.)
+      :class:`sctlib.references.GatheredReferences` the whole step's batch instead: ``step_batch``.)
     * ``'bank'``  - the local batch followed by the bank's contents; the batch is pushed into the bank
       *after* reading, so it is not counted twice.
 

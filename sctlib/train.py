@@ -400,7 +400,8 @@ class Trainer:
         self.loss_fn = build_loss(cfg.loss, references=self._build_references())
         # ref_source='all': the step's whole global batch is every micro-batch's reference set (set once per step).
         refs = getattr(self.loss_fn, "references", None)
-        self._step_references = refs if (isinstance(refs, GatheredReferences) and refs.kind == "all") else None
+        # 'all': the loss gets the step's whole global batch as its reference set with every call (step_batch)
+        self._wants_step_batch = isinstance(refs, GatheredReferences) and refs.kind == "all"
         # The precision rule answers "which format now?" per step (sctlib.precision); a scaler exists
         # whenever some stage runs in fp16, so that its state is checkpointed across a switch.
         self.precision_rule = PrecisionRule.parse(cfg.precision, self.device.type)
@@ -947,31 +948,26 @@ class Trainer:
             torch.compiler.cudagraph_mark_step_begin()
         scaler = self.scaler if self._select_format() == "fp16" else None  # idle outside fp16 stages
         micro = list(self._microbatches())
-        if self._step_references is not None:
-            self._step_references.set_step_batch(*self._global_batch(micro))
-        try:
-            for i, (offset, x0, labels) in enumerate(micro):
-                # Seeds derive from (seed, images seen + global position): resumption and any process split
-                # draw the same t, eps and dropout masks.
-                torch.manual_seed(seed_for(cfg.seed, self.nimg + offset))
-                sync = contextlib.nullcontext()
-                if self._ddp_sync and i < len(micro) - 1:
-                    sync = self.ddp.no_sync()  # all-reduce only on the last micro-batch
-                with sync:
-                    with self._autocast(), _phase("loss"):
-                        loss, stats = self.loss_fn(self.ddp, x0, labels, nimg=self.nimg,
-                                                   target_net=self.target_net)
-                    # Mean over the global batch: DDP averages over processes, hence the factor world.
-                    obj = loss.float().sum() * (self.world / cfg.batch_size)
-                    # (no profiler range here: on CUDA autograd runs the backward pass on its own thread, outside it)
-                    if scaler is not None:
-                        scaler.scale(obj).backward()
-                    else:
-                        obj.backward()
-                self._accumulate(loss, stats)
-        finally:
-            if self._step_references is not None:
-                self._step_references.set_step_batch(None)  # no call outside this step sees its batch
+        step_batch = self._global_batch(micro) if self._wants_step_batch else None
+        for i, (offset, x0, labels) in enumerate(micro):
+            # Seeds derive from (seed, images seen + global position): resumption and any process split
+            # draw the same t, eps and dropout masks.
+            torch.manual_seed(seed_for(cfg.seed, self.nimg + offset))
+            sync = contextlib.nullcontext()
+            if self._ddp_sync and i < len(micro) - 1:
+                sync = self.ddp.no_sync()  # all-reduce only on the last micro-batch
+            with sync:
+                with self._autocast(), _phase("loss"):
+                    loss, stats = self.loss_fn(self.ddp, x0, labels, nimg=self.nimg,
+                                               target_net=self.target_net, step_batch=step_batch)
+                # Mean over the global batch: DDP averages over processes, hence the factor world.
+                obj = loss.float().sum() * (self.world / cfg.batch_size)
+                # (no profiler range here: on CUDA autograd runs the backward pass on its own thread, outside it)
+                if scaler is not None:
+                    scaler.scale(obj).backward()
+                else:
+                    obj.backward()
+            self._accumulate(loss, stats)
 
         params = [p for p in self.net.parameters() if p.grad is not None]
         if self._allreduce_sync:

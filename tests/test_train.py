@@ -231,7 +231,7 @@ def test_the_loss_receives_the_global_batch_each_step(tmp_path):
 
     def recording(net, x0, labels, *, nimg, **kw):
         # the trainer hands the loss its target network: one process, the student itself
-        assert net is tr.ddp and kw == {"target_net": tr.target_net} and tr.target_net is tr.ddp
+        assert net is tr.ddp and kw == {"target_net": tr.target_net, "step_batch": None} and tr.target_net is tr.ddp
         seen.append((nimg, x0.detach().clone(), labels.clone()))
         return real(net, x0, labels, nimg=nimg, **kw)
 
@@ -602,23 +602,33 @@ def test_all_references_are_the_whole_global_batch_under_accumulation(tmp_path, 
         assert len(seen) == 4  # one reference call per micro-batch of 8 ...
         for ref, ref_labels in seen:  # ... each with the whole step's 32 images and their classes
             assert torch.equal(ref, x) and torch.equal(ref_labels, y)
-        assert tr.loss_fn.references._step_batch is None  # cleared after the step
+    # a call without the step batch (outside the trainer) gathers the batch it is given: one process, itself
+    x0 = torch.randn(8, 1, 8, 8)
+    seen.clear()
+    tr.loss_fn(tr.ddp, x0, torch.eye(10)[torch.arange(8)], nimg=0)
+    assert torch.equal(seen[0][0], x0)
 
 
 def test_step_batch_applies_to_the_all_source_only():
     import sctlib.references as R
 
+    x_t, t = torch.zeros(2, 3), torch.ones(2)
+    step = (torch.zeros(4, 3), None)
+    for refs in (R.GatheredReferences("batch"), R.GatheredReferences("bank", ref_size=4)):
+        with pytest.raises(ValueError, match="'all' reference source"):
+            refs(x_t, t, torch.zeros(2, 3), step_batch=step)
+    data = R.DatasetReferences(torch.zeros(6, 3))
     with pytest.raises(ValueError, match="'all' reference source"):
-        R.GatheredReferences("batch").set_step_batch(torch.zeros(2, 3))
+        data(x_t, t, torch.zeros(2, 3), step_batch=step)
     refs = R.GatheredReferences("all")
-    refs.set_step_batch(torch.zeros(4, 3))
     with pytest.raises(ValueError, match="no labels"):
-        refs(torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 3), torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="another step"):  # more images than the step batch holds
-        refs(torch.zeros(5, 3), torch.ones(5), torch.zeros(5, 3))
-    refs.set_step_batch(None)  # cleared: the batch given is gathered again (one process: itself)
-    x0_hat, stats = refs(torch.zeros(2, 3), torch.ones(2), torch.ones(2, 3))
-    assert stats["n_refs"].tolist() == [2, 2]
+        refs(x_t, t, torch.zeros(2, 3), torch.tensor([0, 1]), step_batch=step)
+    with pytest.raises(ValueError, match="not a batch that contains"):  # more images than the step batch holds
+        refs(torch.zeros(5, 3), torch.ones(5), torch.zeros(5, 3), step_batch=step)
+    x0_hat, stats = refs(x_t, t, torch.ones(2, 3), step_batch=step)
+    assert stats["n_refs"].tolist() == [4, 4]  # the step's 4 images ...
+    x0_hat, stats = refs(x_t, t, torch.ones(2, 3))
+    assert stats["n_refs"].tolist() == [2, 2]  # ... and without it the batch given (one process: itself)
 
 
 def test_all_gather_keeps_one_layout_for_input_and_outputs(tmp_path):

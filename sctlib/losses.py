@@ -95,8 +95,10 @@ class EDMLoss:
 
     def __call__(self, net: nn.Module, x0: torch.Tensor, labels=None, *, nimg: float,
                  target_net: Optional[nn.Module] = None, step_batch=None) -> Tuple[torch.Tensor, Stats]:
-        """Per-example loss of ``net`` on ``x0``; ``target_net`` and ``step_batch`` are accepted for a common call
-        and unused (denoising score matching has no target pass and no references)."""
+        """Per-example loss of ``net`` on ``x0``; ``target_net`` is accepted for a common call and unused (denoising
+        score matching has no target pass); ``step_batch`` (SCT's 'all' references) is refused: it has no references."""
+        if step_batch is not None:
+            raise ValueError("step_batch is the reference set of SCT's 'all' source; the EDM loss has no references")
         cfg = self.cfg
         t = sample_t_lognormal(x0.shape[0], cfg.P_mean, cfg.P_std, device=x0.device)
         eps = noise_like(x0)
@@ -180,6 +182,8 @@ class ECTLoss:
         return ratio * x + (1 - ratio) * D_out
 
     def _target_point(self, x_t, t, r, x0, eps, labels, stats: Stats, step_batch=None) -> torch.Tensor:
+        if step_batch is not None:  # no references in ECT: a step batch here is a caller's mistake
+            raise ValueError("step_batch is the reference set of SCT's 'all' source; ECT has no references")
         return ect_target_point(x0, eps, r)
 
     # -- the loss -------------------------------------------------------------------------------
@@ -188,8 +192,9 @@ class ECTLoss:
         """Per-example loss (ECT Sec. 3). ``net`` runs the student pass with gradients;
         ``target_net`` (the same weights; default: ``net`` with a DistributedDataParallel wrapper taken off) runs
         the stop-gradient target pass. The trainer passes its own: under DDP the bare network, compiled when the
-        student is (:func:`sctlib.train.wrap_network`). ``step_batch`` = ``(x0_all, labels_all)``, the step's whole
-        global batch: the reference set of SCT's ``'all'`` source (unused by ECT, refused by the other sources)."""
+        student is (:func:`sctlib.train.wrap_network`). ``step_batch`` (:class:`sctlib.references.StepBatch`), the
+        step's whole global batch: the reference set of SCT's ``'all'`` source (refused by ECT and the other
+        sources)."""
         cfg = self.cfg
         B = x0.shape[0]
         t = sample_t_lognormal(B, cfg.P_mean, cfg.P_std, device=x0.device)

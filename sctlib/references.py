@@ -23,14 +23,14 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from sctlib.targets import REF_SOURCES, ReferenceBank, _class_index, _per_row, gather_references, posterior_mean
 
-__all__ = ["ReferenceSource", "GatheredReferences", "ClassBalancedBank", "DatasetReferences", "build_references",
-           "dataset_tensors", "REF_COMPUTES", "exact_fp32_matmul", "split_tf32"]
+__all__ = ["ReferenceSource", "StepBatch", "GatheredReferences", "ClassBalancedBank", "DatasetReferences",
+           "build_references", "dataset_tensors", "REF_COMPUTES", "exact_fp32_matmul", "split_tf32"]
 
 # How DatasetReferences computes the softmax: 'float64' (every logit and the weighted sum in float64; exact, the
 # default - see LossConfig.ref_compute for the GPU timing behind that choice) or 'mixed' (fp32 screening + exact
@@ -40,15 +40,24 @@ REF_COMPUTES = ("mixed", "float64")
 Stats = dict
 
 
+class StepBatch(NamedTuple):
+    """The whole global batch of a training step, SCT's ``'all'`` reference set, and where the micro-batch of the
+    current loss call sits in it (the trainer builds one per micro-batch: :class:`sctlib.train.Trainer`)."""
+
+    x0: torch.Tensor                  # [N, ...]: every rank's micro-batches in global order
+    labels: Optional[torch.Tensor]    # [N] class indices or [N, C] one-hot rows; None for an unlabelled set
+    offset: int                       # row of the micro-batch's first image in x0
+
+
 class ReferenceSource:
     """Interface: ``__call__(x_t, t, x0, labels, *, chunk_size, step_batch) -> (x0_hat, stats)``; labels None =
-    unconditional. ``step_batch`` = ``(x0_all, labels_all)``, the whole step's global batch, which only the
-    ``'all'`` source uses (:class:`GatheredReferences`); the others refuse it."""
+    unconditional. ``step_batch`` (:class:`StepBatch`), the whole step's global batch, is used only by the
+    ``'all'`` source (:class:`GatheredReferences`); the others refuse it."""
 
     kind = "?"
 
     def __call__(self, x_t, t, x0, labels=None, *, chunk_size: int = 1024,
-                 step_batch: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None) -> Tuple[torch.Tensor, Stats]:
+                 step_batch: Optional[StepBatch] = None) -> Tuple[torch.Tensor, Stats]:
         raise NotImplementedError
 
     def _refuse_step_batch(self, step_batch) -> None:
@@ -131,9 +140,12 @@ class GatheredReferences(ReferenceSource):
     """'batch', 'all' (all ranks) or 'bank': the reference set is gathered per step, own images first.
 
     'all' means the whole global batch of the step. A trainer that splits the step into micro-batches passes that
-    batch with every call (``step_batch``, every rank's micro-batches in global order), so that the references, and
-    with them the trained weights, do not depend on how the batch is split into processes and micro-batches;
-    without it a call gathers the batch it is given from every rank (:func:`sctlib.targets.gather_references`).
+    batch with every call (``step_batch``, a :class:`StepBatch`: every rank's micro-batches in global order and the
+    call's offset in it), so that the references, and with them the trained weights, do not depend on how the batch
+    is split into processes and micro-batches; without it a call gathers the batch it is given from every rank
+    (:func:`sctlib.targets.gather_references`). With a step batch the reference set is the call's own images (with
+    their own labels) followed by the rest of the step in global order: the own image is a reference exactly once,
+    whatever the rows at ``offset`` hold.
     """
 
     def __init__(self, kind: str, *, ref_size: int = 0, ref_per_class: int = 0, num_classes: int = 0):
@@ -154,19 +166,11 @@ class GatheredReferences(ReferenceSource):
             else:
                 self.bank = ReferenceBank(ref_size)
 
-    def __call__(self, x_t, t, x0, labels=None, *, chunk_size: int = 1024,
-                 step_batch: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None):
+    def __call__(self, x_t, t, x0, labels=None, *, chunk_size: int = 1024, step_batch: Optional[StepBatch] = None):
         if step_batch is not None:
             if self.kind != "all":
                 self._refuse_step_batch(step_batch)
-            ref, ref_labels = step_batch
-            if x0.shape[1:] != ref.shape[1:] or x0.shape[0] > ref.shape[0]:
-                raise ValueError(f"step_batch holds {tuple(ref.shape)}, not a batch that contains these "
-                                 f"{tuple(x0.shape)} images")
-            if labels is not None and ref_labels is None:
-                raise ValueError("step_batch has no labels, but the loss asks for class-restricted references")
-            ref = ref.detach()
-            ref_labels = None if labels is None else _class_index(ref_labels).detach().to(ref.device)
+            ref, ref_labels = self._from_step_batch(step_batch, x0, labels)
         elif self.class_bank is not None:
             if labels is None:
                 raise ValueError("loss.ref_per_class > 0 needs labels (train with cond=True)")
@@ -179,6 +183,27 @@ class GatheredReferences(ReferenceSource):
             ref, ref_labels = gather_references(x0, labels, self.kind, self.bank)
         return posterior_mean(x_t, t, ref, labels=labels, ref_labels=None if labels is None else ref_labels,
                               fallback=x0, chunk_size=chunk_size, return_stats=True, own=x0)
+
+    @staticmethod
+    def _from_step_batch(step_batch: StepBatch, x0, labels):
+        """(ref, ref_labels): the call's own images first, then the step's other rows in global order."""
+        if not isinstance(step_batch, StepBatch):
+            raise TypeError(f"step_batch must be a sctlib.references.StepBatch, got {type(step_batch).__name__}")
+        x_all, y_all, off = step_batch
+        B = x0.shape[0]
+        if x0.shape[1:] != x_all.shape[1:] or not 0 <= int(off) <= x_all.shape[0] - B:
+            raise ValueError(f"step_batch holds {tuple(x_all.shape)}, not a batch with these {tuple(x0.shape)} images "
+                             f"at row {off}")
+        if labels is not None and y_all is None:
+            raise ValueError("step_batch has no labels, but the loss asks for class-restricted references")
+        off = int(off)
+        x_all = x_all.detach().to(device=x0.device, dtype=x0.dtype)
+        ref = torch.cat([x0.detach(), x_all[:off], x_all[off + B:]])
+        if labels is None:
+            return ref, None
+        own = _class_index(labels).detach().to(x0.device)
+        y_all = _class_index(y_all).detach().to(x0.device)
+        return ref, torch.cat([own, y_all[:off], y_all[off + B:]])
 
     def state_dict(self) -> dict:
         if self.bank is not None:

@@ -45,7 +45,7 @@ from .losses import build_loss
 from .networks import build_network
 from .precision import PrecisionRule, autocast as precision_autocast, set_tf32
 from .progress import phase as _phase
-from .references import GatheredReferences
+from .references import GatheredReferences, StepBatch
 from .targets import gather_references
 
 __all__ = [
@@ -398,7 +398,6 @@ class Trainer:
         impl = {"fused": True} if cfg.optim.impl == "fused" else {}  # {}: PyTorch's default, foreach on CUDA
         self.opt = opt_cls(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, **impl)
         self.loss_fn = build_loss(cfg.loss, references=self._build_references())
-        # ref_source='all': the step's whole global batch is every micro-batch's reference set (set once per step).
         refs = getattr(self.loss_fn, "references", None)
         # 'all': the loss gets the step's whole global batch as its reference set with every call (step_batch)
         self._wants_step_batch = isinstance(refs, GatheredReferences) and refs.kind == "all"
@@ -948,7 +947,7 @@ class Trainer:
             torch.compiler.cudagraph_mark_step_begin()
         scaler = self.scaler if self._select_format() == "fp16" else None  # idle outside fp16 stages
         micro = list(self._microbatches())
-        step_batch = self._global_batch(micro) if self._wants_step_batch else None
+        step_refs = self._global_batch(micro) if self._wants_step_batch else None
         for i, (offset, x0, labels) in enumerate(micro):
             # Seeds derive from (seed, images seen + global position): resumption and any process split
             # draw the same t, eps and dropout masks.
@@ -959,7 +958,8 @@ class Trainer:
             with sync:
                 with self._autocast(), _phase("loss"):
                     loss, stats = self.loss_fn(self.ddp, x0, labels, nimg=self.nimg,
-                                               target_net=self.target_net, step_batch=step_batch)
+                                               target_net=self.target_net,
+                                               step_batch=None if step_refs is None else StepBatch(*step_refs, offset))
                 # Mean over the global batch: DDP averages over processes, hence the factor world.
                 obj = loss.float().sum() * (self.world / cfg.batch_size)
                 # (no profiler range here: on CUDA autograd runs the backward pass on its own thread, outside it)
@@ -968,6 +968,7 @@ class Trainer:
                 else:
                     obj.backward()
             self._accumulate(loss, stats)
+        del step_refs  # the global batch is not kept through the optimizer and EMA steps
 
         params = [p for p in self.net.parameters() if p.grad is not None]
         if self._allreduce_sync:

@@ -600,8 +600,9 @@ def test_all_references_are_the_whole_global_batch_under_accumulation(tmp_path, 
         y = torch.cat([lab for _, _, lab in micro])
         tr.train_step()
         assert len(seen) == 4  # one reference call per micro-batch of 8 ...
-        for ref, ref_labels in seen:  # ... each with the whole step's 32 images and their classes
-            assert torch.equal(ref, x) and torch.equal(ref_labels, y)
+        for k, (ref, ref_labels) in enumerate(seen):  # ... each with the whole step's 32 images and their classes,
+            order = torch.cat([torch.arange(8 * k, 8 * k + 8), torch.arange(8 * k), torch.arange(8 * k + 8, 32)])
+            assert torch.equal(ref, x[order]) and torch.equal(ref_labels, y[order])  # its own 8 first
     # a call without the step batch (outside the trainer) gathers the batch it is given: one process, itself
     x0 = torch.randn(8, 1, 8, 8)
     seen.clear()
@@ -610,25 +611,63 @@ def test_all_references_are_the_whole_global_batch_under_accumulation(tmp_path, 
 
 
 def test_step_batch_applies_to_the_all_source_only():
+    import sctlib.losses as L
     import sctlib.references as R
+    from sctlib.config import LossConfig
 
     x_t, t = torch.zeros(2, 3), torch.ones(2)
-    step = (torch.zeros(4, 3), None)
+    step = R.StepBatch(torch.zeros(4, 3), None, 0)
     for refs in (R.GatheredReferences("batch"), R.GatheredReferences("bank", ref_size=4)):
         with pytest.raises(ValueError, match="'all' reference source"):
             refs(x_t, t, torch.zeros(2, 3), step_batch=step)
     data = R.DatasetReferences(torch.zeros(6, 3))
     with pytest.raises(ValueError, match="'all' reference source"):
         data(x_t, t, torch.zeros(2, 3), step_batch=step)
+    for task in ("edm", "ect"):  # no references at all
+        with pytest.raises(ValueError, match="no references"):
+            L.build_loss(LossConfig(task=task))(lambda x, t, y: x, torch.zeros(2, 3), nimg=0, step_batch=step)
     refs = R.GatheredReferences("all")
+    with pytest.raises(TypeError, match="StepBatch"):  # a bare tuple or tensor is not taken for one
+        refs(x_t, t, torch.zeros(2, 3), step_batch=(torch.zeros(4, 3), None))
     with pytest.raises(ValueError, match="no labels"):
         refs(x_t, t, torch.zeros(2, 3), torch.tensor([0, 1]), step_batch=step)
-    with pytest.raises(ValueError, match="not a batch that contains"):  # more images than the step batch holds
+    with pytest.raises(ValueError, match="at row"):  # more images than the step batch holds
         refs(torch.zeros(5, 3), torch.ones(5), torch.zeros(5, 3), step_batch=step)
+    with pytest.raises(ValueError, match="at row 3"):  # rows 3 and 4 of a batch of 4
+        refs(x_t, t, torch.zeros(2, 3), step_batch=step._replace(offset=3))
     x0_hat, stats = refs(x_t, t, torch.ones(2, 3), step_batch=step)
     assert stats["n_refs"].tolist() == [4, 4]  # the step's 4 images ...
     x0_hat, stats = refs(x_t, t, torch.ones(2, 3))
     assert stats["n_refs"].tolist() == [2, 2]  # ... and without it the batch given (one process: itself)
+
+
+def test_step_batch_references_are_the_own_images_then_the_rest_of_the_step(monkeypatch):
+    """With a StepBatch the reference set is the call's own images (and own labels) followed by the step's other
+    rows in global order; class restriction counts only the same-class rows of the whole step."""
+    import sctlib.references as R
+
+    real, seen = R.posterior_mean, []
+
+    def spy(x_t, t, ref, **kw):
+        seen.append((ref.clone(), kw["ref_labels"]))
+        return real(x_t, t, ref, **kw)
+
+    monkeypatch.setattr(R, "posterior_mean", spy)
+    g = torch.Generator().manual_seed(0)
+    x_all, y_all = torch.randn(6, 3, generator=g), torch.tensor([0, 1, 0, 0, 1, 1])
+    refs, x_t = R.GatheredReferences("all"), torch.zeros(2, 3)
+    _, stats = refs(x_t, torch.ones(2), x_all[2:4], y_all[2:4], step_batch=R.StepBatch(x_all, y_all, 2))
+    ref, ref_labels = seen[-1]
+    assert torch.equal(ref, x_all[[2, 3, 0, 1, 4, 5]]) and ref_labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert stats["n_refs"].tolist() == [3, 3]  # class 0 holds 3 of the step's 6 images
+    # one-hot labels in the step batch, class indices in the call: the same set
+    refs(x_t, torch.ones(2), x_all[2:4], y_all[2:4], step_batch=R.StepBatch(x_all, torch.eye(2)[y_all], 2))
+    assert torch.equal(seen[-1][1], ref_labels)
+    # rows at the offset that are not the call's images: its own images are still each a reference, once
+    other = torch.randn(2, 3, generator=g)
+    _, stats = refs(other, torch.full((2,), 1e-3), other, step_batch=R.StepBatch(x_all, None, 2))
+    assert torch.equal(seen[-1][0][:2], other) and seen[-1][0].shape[0] == 6
+    assert torch.allclose(stats["own_weight"], torch.ones(2, dtype=stats["own_weight"].dtype))
 
 
 def test_all_gather_keeps_one_layout_for_input_and_outputs(tmp_path):

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_throughput as TT  # noqa: E402
 from sctlib import config as C  # noqa: E402
+from sctlib.train import leave_process_group  # noqa: E402
 
 # First match wins: (category, regex on the kernel name, case-insensitive).
 CATEGORIES = [
@@ -196,12 +197,7 @@ def main(argv=None) -> int:
         if world > 1:  # one record per process: p.json -> p.rank0.json, p.rank1.json
             out = out.with_name(f"{out.stem}.rank{rank}{out.suffix}")
         out.write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
-    if world > 1:  # the Trainer joined a process group: leave it together (a rank exiting first can abort the other)
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+    leave_process_group()  # the Trainer joined a process group under torchrun: leave it together
     return 0
 
 

@@ -169,9 +169,11 @@ def no_sync_pairs(rows) -> None:
     """Each '+no-sync' row against its twin with the per-step sync (same net and task): ``sync_gain`` = rate / the
     twin's rate - 1, and the twin's mean loss beside the row's (equal while no step was non-finite)."""
     for r in rows:
-        twin = next((b for b in rows if r.get("variant") in NO_SYNC and b["variant"] == NO_SYNC[r["variant"]]
-                     and b["net"] == r["net"] and b["task"] == r["task"] and "error" not in b), None)
-        if twin is None or "error" in r:
+        if r.get("variant") not in NO_SYNC or "error" in r:
+            continue
+        twin = next((b for b in rows if b["variant"] == NO_SYNC[r["variant"]] and b["net"] == r["net"]
+                     and b["task"] == r["task"] and "error" not in b), None)
+        if twin is None:
             continue
         r["sync_gain"] = r["img_per_s"] / twin["img_per_s"] - 1
         r["twin_mean_loss"] = twin["mean_loss"]

@@ -58,6 +58,7 @@ __all__ = [
     "launch",
     "resolve_config",
     "latest_checkpoint",
+    "leave_process_group",
     "T_BIN_EDGES",
     "main",
 ]
@@ -239,6 +240,17 @@ def _is_dist() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
+
+
+def leave_process_group() -> None:
+    """Leave torch.distributed together at the end of a successful run: a barrier, then destroy the group. A
+    process that exits while another still talks to it over gloo can abort that one ("terminate called without an
+    active exception", seen once in CI). No-op outside torch.distributed."""
+    if _is_dist():
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1177,10 +1189,7 @@ def _main(args) -> int:
                     command=command)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "last_tick"}))
-    if _is_dist():
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    leave_process_group()
     return 0
 
 

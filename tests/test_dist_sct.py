@@ -65,7 +65,8 @@ WORKER = COMMON + textwrap.dedent("""
     loss, st = loss_fn(net, x0[mine], torch.eye(3)[labels[mine]], nimg=0)
     torch.save({"ref": ref, "ref_labels": ref_labels, "loss": loss.detach(), "ess": st["ess"],
                 "n_refs": st["n_refs"]}, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    from sctlib.train import leave_process_group
+    leave_process_group()  # together: a rank exiting first can abort the other over gloo
 """)
 
 

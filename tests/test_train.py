@@ -505,6 +505,27 @@ def test_gather_batch_gives_the_items_the_data_set_gives(tmp_path, xflip):
         assert (idx >= 12).any() and not torch.equal(x, T.gather_batch(X8, y8, False, idx)[0])
 
 
+def test_leave_process_group_waits_for_every_process_before_destroying(tmp_path, monkeypatch):
+    """The end of a distributed run: a barrier, then the group is destroyed (a gloo process that exits while the
+    other still talks to it can abort that one); nothing at all outside torch.distributed."""
+    import torch.distributed as dist
+
+    calls = []
+    T.leave_process_group()  # no group: a no-op
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", rank=0, world_size=1, store=store)
+    real_barrier, real_destroy = dist.barrier, dist.destroy_process_group
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("barrier") or real_barrier(*a, **k))
+    monkeypatch.setattr(dist, "destroy_process_group",
+                        lambda *a, **k: calls.append("destroy") or real_destroy(*a, **k))
+    try:
+        T.leave_process_group()
+    finally:
+        if dist.is_initialized():
+            real_destroy()
+    assert calls == ["barrier", "destroy"] and not dist.is_initialized()
+
+
 _SYNC_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
 from sctlib import train as T
@@ -526,10 +547,7 @@ else:
     except RuntimeError as e:
         res["error"] = str(e)
 open(f"{sys.argv[2]}/rank{r}.json", "w").write(json.dumps(res))  # one file per rank: printed lines interleave
-# Leave together: a rank that exits while the other still talks to it over gloo can abort the other
-# ("terminate called without an active exception", seen once in CI).
-dist.barrier()
-dist.destroy_process_group()
+T.leave_process_group()  # together: a rank exiting first can abort the other over gloo
 """
 
 
